@@ -1,0 +1,234 @@
+"""Input validation at the boundary: clear ``ValueError`` s before any training starts.
+
+Every check names what is wrong, where (first offending cell and gene), and what to do.
+Nothing here modifies its input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+__all__ = [
+    "check_not_empty",
+    "check_unique_var_names",
+    "check_obs_keys",
+    "check_layer",
+    "check_matrix_values",
+    "check_query_genes",
+    "check_known_categories",
+    "check_continuous_obs",
+    "get_matrix",
+]
+
+
+def check_not_empty(adata: AnnData) -> None:
+    """Reject an AnnData with zero cells or zero genes."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(
+            f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes); "
+            "pass an AnnData with at least one cell and one gene (check any subsetting/filtering "
+            "done before this call)."
+        )
+
+
+def check_unique_var_names(var_names: Sequence[str] | pd.Index) -> None:
+    """Reject duplicate gene names: genes are matched by name across datasets."""
+    index = pd.Index(var_names)
+    if not index.is_unique:
+        dup = index[index.duplicated()].unique()
+        shown = ", ".join(map(repr, dup[:5]))
+        raise ValueError(
+            f"adata.var_names has {len(dup)} duplicated name(s) ({shown}{', ...' if len(dup) > 5 else ''}); "
+            "genes are matched by name, so names must be unique. Call adata.var_names_make_unique() "
+            "or aggregate the duplicates first."
+        )
+
+
+def check_obs_keys(adata: AnnData, keys: dict[str, str | Sequence[str] | None]) -> None:
+    """Check that every requested ``adata.obs`` column exists.
+
+    Parameters
+    ----------
+    keys
+        Argument name -> column name(s) (``None`` entries are skipped).
+    """
+    for arg, value in keys.items():
+        if value is None:
+            continue
+        names = [value] if isinstance(value, str) else list(value)
+        for name in names:
+            if name not in adata.obs.columns:
+                cols = list(adata.obs.columns)
+                raise ValueError(
+                    f"{arg}={name!r} is not a column of adata.obs (columns: {cols[:20]}"
+                    f"{' ...' if len(cols) > 20 else ''}); add the column or pass an existing key."
+                )
+
+
+def check_layer(adata: AnnData, layer: str | None) -> None:
+    """Check that ``adata.layers[layer]`` exists (``None`` means ``adata.X``)."""
+    if layer is None:
+        if adata.X is None:
+            raise ValueError(
+                "adata.X is None; put the counts in adata.X or pass layer='<name>' for a layer."
+            )
+        return
+    if layer not in adata.layers:
+        raise ValueError(
+            f"layer={layer!r} is not in adata.layers (layers: {list(adata.layers.keys())}); "
+            "pass an existing layer, or layer=None to use adata.X."
+        )
+
+
+def get_matrix(adata: AnnData, layer: str | None):
+    """Return ``adata.X`` or ``adata.layers[layer]`` (no copy)."""
+    return adata.X if layer is None else adata.layers[layer]
+
+
+def _first_bad(adata: AnnData, x, mask_fn) -> tuple[int, str, str]:
+    """Count entries where ``mask_fn`` is true and locate the first (cell, gene)."""
+    if sp.issparse(x):
+        coo = x.tocoo()
+        bad = mask_fn(coo.data)
+        n_bad = int(bad.sum())
+        if n_bad == 0:
+            return 0, "", ""
+        order = np.lexsort((coo.col[bad], coo.row[bad]))
+        r, c = coo.row[bad][order[0]], coo.col[bad][order[0]]
+    else:
+        arr = np.asarray(x)
+        bad = mask_fn(arr)
+        n_bad = int(bad.sum())
+        if n_bad == 0:
+            return 0, "", ""
+        r, c = np.argwhere(bad)[0]
+    return n_bad, str(adata.obs_names[r]), str(adata.var_names[c])
+
+
+def check_matrix_values(
+    adata: AnnData,
+    layer: str | None,
+    *,
+    require_counts: bool,
+    likelihood: str | None = None,
+) -> None:
+    """Reject NaN/inf, and (for count likelihoods) negative or non-integer values.
+
+    Parameters
+    ----------
+    adata
+        The data.
+    layer
+        ``None`` for ``adata.X`` or a layer name.
+    require_counts
+        Whether the model's likelihood needs raw integer counts.
+    likelihood
+        Name of the likelihood, used in messages.
+    """
+    x = get_matrix(adata, layer)
+    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    if getattr(adata, "isbacked", False) and layer is None:
+        return  # backed data is validated per chunk by the streaming loaders
+    with np.errstate(invalid="ignore"):
+        n, cell, gene = _first_bad(adata, x, lambda a: ~np.isfinite(a))
+    if n:
+        raise ValueError(
+            f"{where} has {n} NaN or infinite value(s) (first at cell {cell!r}, gene {gene!r}); "
+            "remove or impute them before setting up the model."
+        )
+    if not require_counts:
+        return
+    lk = f"the {likelihood!r} likelihood" if likelihood else "this model"
+    n, cell, gene = _first_bad(adata, x, lambda a: a < 0)
+    if n:
+        raise ValueError(
+            f"{where} has {n} negative value(s) (first at cell {cell!r}, gene {gene!r}); {lk} "
+            "needs raw counts. Pass raw counts in a layer with layer='counts'"
+            + (", or use gene_likelihood='normal' for normalised data." if likelihood else ".")
+        )
+    n, cell, gene = _first_bad(adata, x, lambda a: a != np.round(a))
+    if n:
+        raise ValueError(
+            f"{where} has {n} non-integer value(s) (first at cell {cell!r}, gene {gene!r}); {lk} "
+            "needs raw integer counts, not normalised or log-transformed data. Pass raw counts "
+            "in a layer with layer='counts'."
+        )
+
+
+def check_query_genes(reference: Sequence[str] | pd.Index, query: Sequence[str] | pd.Index) -> None:
+    """Check that a query has exactly the reference genes in the same order.
+
+    Raises a ``ValueError`` saying which genes are missing, unexpected or reordered.
+    """
+    ref = pd.Index(reference)
+    qry = pd.Index(query)
+    if len(ref) == len(qry) and (ref == qry).all():
+        return
+    missing = ref.difference(qry, sort=False)
+    extra = qry.difference(ref, sort=False)
+    parts = []
+    if len(missing):
+        parts.append(
+            f"{len(missing)} gene(s) of the model are missing from the query "
+            f"({', '.join(map(repr, missing[:5]))}{', ...' if len(missing) > 5 else ''})"
+        )
+    if len(extra):
+        parts.append(
+            f"{len(extra)} gene(s) of the query are unknown to the model "
+            f"({', '.join(map(repr, extra[:5]))}{', ...' if len(extra) > 5 else ''})"
+        )
+    if not parts:
+        pos = int(np.flatnonzero(ref != qry)[0])
+        parts.append(
+            f"the genes are the same but in another order (first difference at position {pos}: "
+            f"model has {ref[pos]!r}, query has {qry[pos]!r})"
+        )
+    raise ValueError(
+        "The query's genes do not match the model's: "
+        + "; ".join(parts)
+        + ". Subset and reorder the query with adata[:, model.var_names] (after adding any "
+        "missing genes as zero columns)."
+    )
+
+
+def check_known_categories(
+    values: pd.Series, known: Sequence, key: str, *, allow: Sequence = ()
+) -> None:
+    """Reject categories of a query column the model never saw."""
+    if values.isna().any():
+        first = values.index[values.isna().to_numpy()][0]
+        raise ValueError(
+            f"adata.obs[{key!r}] has {int(values.isna().sum())} missing value(s) (first at cell "
+            f"{first!r}); fill them with a known category."
+        )
+    seen = pd.Index(pd.unique(values.astype(str)))
+    unknown = seen.difference(pd.Index(list(map(str, known)) + list(map(str, allow))))
+    if len(unknown):
+        raise ValueError(
+            f"adata.obs[{key!r}] has categories the model was not trained with: "
+            f"{list(unknown[:10])}; known categories are {list(map(str, known))[:20]}. Map them to "
+            "known categories, or train a model that includes them."
+        )
+
+
+def check_continuous_obs(adata: AnnData, keys: Sequence[str]) -> None:
+    """Continuous covariates must be numeric and finite."""
+    for key in keys:
+        col = adata.obs[key]
+        if not pd.api.types.is_numeric_dtype(col):
+            raise ValueError(
+                f"adata.obs[{key!r}] is a continuous covariate but has dtype {col.dtype}; pass a "
+                "numeric column, or register it with categorical_covariate_keys instead."
+            )
+        vals = col.to_numpy(dtype=float)
+        bad = ~np.isfinite(vals)
+        if bad.any():
+            raise ValueError(
+                f"adata.obs[{key!r}] has {int(bad.sum())} NaN/infinite value(s) (first at cell "
+                f"{adata.obs_names[np.flatnonzero(bad)[0]]!r}); fill or drop those cells."
+            )
