@@ -150,7 +150,9 @@ class TensorBatchLoader:
             raise ValueError(f"batch_size={batch_size} must be >= 1.")
         self.arrays = arrays
         n_total = next(iter(arrays.values())).shape[0]
-        self.indices = np.arange(n_total) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.indices = (
+            np.arange(n_total) if indices is None else np.asarray(indices, dtype=np.int64)
+        )
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.seed = int(seed)

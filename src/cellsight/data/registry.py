@@ -76,8 +76,12 @@ def _fields(setup_args: dict[str, Any], is_count_data: bool) -> list:
         scvi_fields.NumericalObsField(
             k.SIZE_FACTOR_KEY, setup_args["size_factor_key"], required=False
         ),
-        scvi_fields.CategoricalJointObsField(k.CAT_COVS_KEY, setup_args["categorical_covariate_keys"]),
-        scvi_fields.NumericalJointObsField(k.CONT_COVS_KEY, setup_args["continuous_covariate_keys"]),
+        scvi_fields.CategoricalJointObsField(
+            k.CAT_COVS_KEY, setup_args["categorical_covariate_keys"]
+        ),
+        scvi_fields.NumericalJointObsField(
+            k.CONT_COVS_KEY, setup_args["continuous_covariate_keys"]
+        ),
     ]
     return fields
 

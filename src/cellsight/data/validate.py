@@ -43,9 +43,9 @@ def check_unique_var_names(var_names: Sequence[str] | pd.Index) -> None:
         dup = index[index.duplicated()].unique()
         shown = ", ".join(map(repr, dup[:5]))
         raise ValueError(
-            f"adata.var_names has {len(dup)} duplicated name(s) ({shown}{', ...' if len(dup) > 5 else ''}); "
-            "genes are matched by name, so names must be unique. Call adata.var_names_make_unique() "
-            "or aggregate the duplicates first."
+            f"adata.var_names has {len(dup)} duplicated name(s) "
+            f"({shown}{', ...' if len(dup) > 5 else ''}); genes are matched by name, so names "
+            "must be unique. Call adata.var_names_make_unique() or aggregate the duplicates first."
         )
 
 

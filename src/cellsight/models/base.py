@@ -285,6 +285,7 @@ class BaseModel:
             self.train_indices_ = datamodule.train_indices
             self.validation_indices_ = datamodule.validation_indices
         kwargs = {"lr": lr, **self._plan_kwargs(), **(plan_kwargs or {})}
+        self.module.train()  # inference leaves the module in eval mode; Lightning keeps modes
         plan = self._plan_cls(self.module, **kwargs)
         if hasattr(datamodule, "n_train"):
             plan.n_obs_training = datamodule.n_train

@@ -24,7 +24,10 @@ def resolve_strategy(accelerator: str, devices: int | str | list, strategy: Any)
     Lightning's ``"auto"`` picks ``"ddp"``, which re-launches the calling script: right for a
     script, wrong for a notebook or a test. Pass ``strategy="ddp"`` explicitly from scripts.
     """
-    n_dev = devices if isinstance(devices, int) else (len(devices) if isinstance(devices, list) else 0)
+    if isinstance(devices, int):
+        n_dev = devices
+    else:
+        n_dev = len(devices) if isinstance(devices, list) else 0
     if strategy == "auto" and accelerator in ("cpu", "auto") and n_dev > 1:
         return "ddp_spawn"
     return strategy
