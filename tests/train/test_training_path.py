@@ -77,6 +77,7 @@ def test_early_stopping_stops_when_validation_does_not_improve():
         lr=0.0,
         early_stopping=True,
         early_stopping_patience=2,
+        early_stopping_min_delta=1.0,  # far above the sampling noise of a frozen model
         enable_progress_bar=False,
     )
     assert len(hist) == 3  # epoch 0 sets the best value; 2 more epochs without improvement

@@ -91,10 +91,15 @@ def rank_slice(order: np.ndarray, rank: int, world: int, *, pad: bool) -> np.nda
 def split_indices(
     n: int, train_size: float, validation_size: float | None, seed: int, shuffle: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Train/validation split with scvi-tools' sizes (ceil for train, floor for validation)."""
+    """Train/validation split with scvi-tools' sizes (ceil for train, floor for validation).
+
+    ``validation_size=None`` gives every cell not in training to validation (scvi-tools computes
+    ``floor((1 - train_size) * n)``, which can lose a cell to floating-point error).
+    """
     if not 0 < train_size <= 1:
         raise ValueError(f"train_size={train_size} must be in (0, 1].")
-    if validation_size is None:
+    rest = validation_size is None
+    if rest:
         validation_size = 1.0 - train_size
     if validation_size < 0 or train_size + validation_size > 1 + 1e-9:
         raise ValueError(
@@ -102,7 +107,8 @@ def split_indices(
             "and validation_size >= 0."
         )
     n_train = math.ceil(train_size * n)
-    n_val = math.floor(validation_size * n)
+    # validation_size=None means "all other cells" (exactly, without floating-point loss)
+    n_val = n - n_train if rest else math.floor(validation_size * n)
     if n_train + n_val > n:
         n_val = n - n_train
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)

@@ -103,7 +103,7 @@ def validate_anndata(adata: AnnData, setup_args: dict[str, Any]) -> None:
     if not isinstance(adata, AnnData):
         raise ValueError(
             f"Expected an anndata.AnnData, got {type(adata).__name__}; read your data with "
-            "anndata.read_h5ad(...) (or use cellsight.data.ShardedAnnData for shards)."
+            "anndata.read_h5ad(...) (or cellsight.data.read_shards([...]) for shards)."
         )
     V.check_not_empty(adata)
     V.check_unique_var_names(adata.var_names)

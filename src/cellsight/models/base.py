@@ -21,6 +21,8 @@ from cellsight.data import registry as R
 from cellsight.data import validate as V
 from cellsight.data.datamodule import AnnDataModule
 from cellsight.data.loaders import TensorBatchLoader, registry_arrays
+from cellsight.data.shards import is_sharded
+from cellsight.data.shards_module import ShardedDataModule, sharded_inference_loader
 from cellsight.train import TrainingPlan, fit
 
 __all__ = ["BaseModel"]
@@ -101,7 +103,11 @@ class BaseModel:
             self.setup_args_ = R.read_setup_args(adata, type(self).__name__)
             self._check_counts(adata)
             self.adata_manager = R.register(
-                adata, self.setup_args_, type(self).__name__, is_count_data=self._requires_counts
+                adata,
+                self.setup_args_,
+                type(self).__name__,
+                is_count_data=self._requires_counts,
+                extra_fields=self._extra_fields(),
             )
             self.registry_ = self.adata_manager.registry
             self.summary = R.summarize_registry(self.registry_)
@@ -111,6 +117,11 @@ class BaseModel:
 
     def _build_module(self) -> torch.nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _extra_fields(self) -> list:
+        """Model-specific scvi-tools fields registered besides the shared ones (e.g. an
+        ``ObsmField``); read ``self.setup_args_`` for their keys."""
+        return []
 
     def _count_likelihood(self) -> str | None:
         """Name of the count likelihood (for error messages), ``None`` if counts are not needed."""
@@ -166,6 +177,7 @@ class BaseModel:
             type(self).__name__,
             is_count_data=self._requires_counts,
             source_registry=self.registry_,
+            extra_fields=self._extra_fields(),
         )
 
     def _check_counts_with(self, adata: AnnData, args: dict) -> None:
@@ -182,6 +194,13 @@ class BaseModel:
     ) -> TensorBatchLoader:
         """Ordered (unshuffled) minibatches for inference, moved to the module's device."""
         manager = self._manager_for(adata)
+        data = self.adata if adata is None else adata
+        if is_sharded(data):  # stream the shards; the same minibatch dicts
+            lk = self._count_likelihood()
+            return sharded_inference_loader(
+                data, manager, indices, batch_size or 1024, device=self.device,
+                require_counts=lk is not None, likelihood=lk,
+            )
         arrays = registry_arrays(manager)
         n = manager.adata.n_obs
         idx = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -274,14 +293,28 @@ class BaseModel:
                 raise ValueError(
                     "This model has no AnnData to train on; pass datamodule= or load it with adata."
                 )
-            datamodule = AnnDataModule(
-                self.adata_manager,
-                train_size=train_size,
-                validation_size=validation_size,
-                batch_size=batch_size,
-                seed=seed,
-                shuffle_set_split=shuffle_set_split,
-            )
+            if is_sharded(self.adata):  # stream the shards (counts checked per chunk)
+                lk = self._count_likelihood()
+                datamodule = ShardedDataModule(
+                    self.adata,
+                    self.adata_manager,
+                    train_size=train_size,
+                    validation_size=validation_size,
+                    batch_size=batch_size,
+                    seed=seed,
+                    shuffle_set_split=shuffle_set_split,
+                    require_counts=lk is not None,
+                    likelihood=lk,
+                )
+            else:
+                datamodule = AnnDataModule(
+                    self.adata_manager,
+                    train_size=train_size,
+                    validation_size=validation_size,
+                    batch_size=batch_size,
+                    seed=seed,
+                    shuffle_set_split=shuffle_set_split,
+                )
             self.train_indices_ = datamodule.train_indices
             self.validation_indices_ = datamodule.validation_indices
         kwargs = {"lr": lr, **self._plan_kwargs(), **(plan_kwargs or {})}

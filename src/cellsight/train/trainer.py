@@ -127,6 +127,7 @@ def fit(
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*The number of training batches.*")
         warnings.filterwarnings("ignore", ".*in the `DataLoader` to improve performance.*")
+        warnings.filterwarnings("ignore", ".*IterableDataset.*has `__len__` defined.*")
         trainer.fit(plan, datamodule=datamodule, ckpt_path=ckpt_path)
     history = read_history(history_path)
     shutil.rmtree(logdir, ignore_errors=True)

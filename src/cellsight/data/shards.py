@@ -1,0 +1,282 @@
+"""Data larger than memory: a list of ``.h5ad`` / zarr shards seen as one AnnData.
+
+:func:`read_shards` reads only ``obs`` and ``var`` of every shard and returns an AnnData
+*stub*: the real ``obs`` of all cells (so ``setup_anndata`` and the registry see every
+category), ``var`` of shard 0, and an all-zero sparse ``X`` of the full shape that costs no
+memory. The stub is marked in ``adata.uns["_cellsight_shards"]``; models notice the mark
+(:func:`is_sharded`) and stream minibatches from the files instead of reading ``X``::
+
+    adata = cellsight.data.read_shards(["part0.h5ad", "part1.h5ad"])
+    SCVI.setup_anndata(adata, batch_key="sample")
+    model = SCVI(adata)
+    model.train()  # streams the shards (cellsight.data.ShardedDataModule)
+
+Because the stub's ``X`` is zeros, value checks (NaN, raw counts) happen while streaming, on
+every chunk read; :func:`validate_shards` runs them over all the data up front.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import anndata
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from cellsight.data.shards_io import ShardReader, matrix_elem, matrix_kind, open_shard
+
+__all__ = [
+    "SHARDS_UNS_KEY",
+    "ShardSet",
+    "read_shards",
+    "is_sharded",
+    "shard_set",
+    "validate_shards",
+]
+
+SHARDS_UNS_KEY = "_cellsight_shards"
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """Where a sharded AnnData's matrix lives.
+
+    Attributes
+    ----------
+    paths
+        Absolute shard paths, in cell order.
+    n_obs
+        Cells per shard.
+    layer
+        The shards' layer that plays the role of ``X`` (``None``: ``X``).
+    """
+
+    paths: tuple[str, ...]
+    n_obs: tuple[int, ...]
+    layer: str | None
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """First global cell index of each shard, plus the total."""
+        return np.concatenate([[0], np.cumsum(self.n_obs)]).astype(np.int64)
+
+
+def _read_frame(root, key: str) -> pd.DataFrame:
+    return anndata.io.read_elem(root[key])
+
+
+def _describe_gene_difference(ref: pd.Index, other: pd.Index) -> str:
+    missing = ref.difference(other, sort=False)
+    extra = other.difference(ref, sort=False)
+    parts = []
+    if len(missing):
+        parts.append(
+            f"{len(missing)} gene(s) of shard 0 are missing "
+            f"({', '.join(map(repr, missing[:5]))}{', ...' if len(missing) > 5 else ''})"
+        )
+    if len(extra):
+        parts.append(
+            f"{len(extra)} gene(s) are not in shard 0 "
+            f"({', '.join(map(repr, extra[:5]))}{', ...' if len(extra) > 5 else ''})"
+        )
+    if not parts and len(ref) != len(other):
+        parts.append(f"it has {len(other)} gene names (with repeats) against {len(ref)}")
+    if not parts:
+        pos = int(np.flatnonzero(ref.to_numpy() != other.to_numpy())[0])
+        parts.append(
+            f"the genes are the same but in another order (first difference at position {pos}: "
+            f"shard 0 has {ref[pos]!r}, this shard has {other[pos]!r})"
+        )
+    return "; ".join(parts)
+
+
+def _check_schema(i: int, path: str, path0: str, var0: pd.Index, cols0: list, var, obs) -> None:
+    """Shard ``i`` must have shard 0's genes in the same order and the same obs columns."""
+    var_names = pd.Index(var.index.astype(str))
+    if len(var_names) != len(var0) or not (var_names == var0).all():
+        raise ValueError(
+            f"Shard {i} ({path!r}) does not have the genes of shard 0 ({path0!r}): "
+            f"{_describe_gene_difference(var0, var_names)}. Every shard needs the same genes in "
+            "the same order; subset and reorder it with adata[:, genes_of_shard_0] before "
+            "writing."
+        )
+    cols = list(obs.columns)
+    missing = [c for c in cols0 if c not in cols]
+    extra = [c for c in cols if c not in cols0]
+    if missing or extra:
+        what = []
+        if missing:
+            what.append(f"lacks obs column(s) {missing}")
+        if extra:
+            what.append(f"has obs column(s) {extra} that shard 0 does not")
+        raise ValueError(
+            f"Shard {i} ({path!r}) {' and '.join(what)} (shard 0 is {path0!r}). Every shard "
+            "needs the same obs columns; add or drop columns before writing the shards."
+        )
+
+
+def _concat_obs(frames: list[pd.DataFrame], columns: list) -> pd.DataFrame:
+    """Concatenate obs frames; categorical columns keep a categorical dtype with the union of
+    the shards' categories (in order of first appearance)."""
+    out = {}
+    for col in columns:
+        parts = [f[col] for f in frames]
+        if all(isinstance(p.dtype, pd.CategoricalDtype) for p in parts):
+            cats = pd.Index([])
+            for p in parts:
+                cats = cats.append(pd.Index(p.cat.categories).difference(cats, sort=False))
+            values = np.concatenate([np.asarray(p.astype(object)) for p in parts])
+            out[col] = pd.Categorical(values, categories=cats)
+        else:
+            out[col] = pd.concat([p.reset_index(drop=True) for p in parts], ignore_index=True)
+    obs = pd.DataFrame(out)
+    obs.index = pd.Index(np.concatenate([f.index.astype(str).to_numpy() for f in frames]))
+    if not obs.index.is_unique:
+        shard = np.repeat(np.arange(len(frames)), [len(f) for f in frames])
+        obs.index = pd.Index([f"{n}-{s}" for n, s in zip(obs.index, shard)])
+    return obs
+
+
+def read_shards(paths: Sequence[str | os.PathLike], layer: str | None = None) -> AnnData:
+    """An AnnData stub over ``.h5ad`` / zarr shards; reads ``obs`` and ``var`` only.
+
+    Parameters
+    ----------
+    paths
+        Shard files (``.h5ad``) or zarr directories, in the order their cells are numbered.
+        Every shard needs shard 0's genes in the same order and the same ``obs`` columns.
+    layer
+        The shards' layer streamed as the model's input (``None``: ``X``). It must be stored
+        as CSR or dense in every shard.
+
+    Returns
+    -------
+    AnnData with the concatenated ``obs`` of all shards (a unique index: cell names are kept
+    when unique over all shards, else suffixed ``-<shard number>``), ``var`` of shard 0, an
+    all-zero CSR ``X`` of the full shape (also under ``layers[layer]``), and
+    ``uns["_cellsight_shards"]`` recording paths, cells per shard and layer. Set it up and
+    train a model on it as on any AnnData.
+    """
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    paths = [os.path.abspath(os.fspath(p)) for p in paths]
+    if not paths:
+        raise ValueError("read_shards needs at least one shard path.")
+    dup = pd.Index(paths)[pd.Index(paths).duplicated()]
+    if len(dup):
+        raise ValueError(f"Shard path(s) given more than once: {list(dup)}; pass each once.")
+    frames, n_obs = [], []
+    var0 = cols0 = var_frame = None
+    for i, path in enumerate(paths):
+        root = open_shard(path)
+        try:
+            obs, var = _read_frame(root, "obs"), _read_frame(root, "var")
+            _, shape = matrix_kind(matrix_elem(root, layer, path), path)
+        finally:
+            if isinstance(root, h5py.File):
+                root.close()
+        if i == 0:
+            var_frame, var0, cols0 = var, pd.Index(var.index.astype(str)), list(obs.columns)
+        else:
+            _check_schema(i, path, paths[0], var0, cols0, var, obs)
+        if shape != (len(obs), len(var0)):
+            raise ValueError(
+                f"Shard {i} ({path!r}) has a {shape[0]} x {shape[1]} matrix but {len(obs)} cells "
+                f"and {len(var0)} genes in obs/var; the file is inconsistent, rewrite it."
+            )
+        frames.append(obs)
+        n_obs.append(len(obs))
+    if sum(n_obs) == 0:
+        raise ValueError(f"The shards hold no cells ({len(paths)} shard(s), all empty).")
+    obs = _concat_obs(frames, cols0)
+    var_frame = var_frame.copy()
+    var_frame.index = var0
+    zeros = sp.csr_matrix((len(obs), len(var0)), dtype=np.float32)
+    stub = AnnData(X=zeros, obs=obs, var=var_frame)
+    if layer is not None:
+        stub.layers[layer] = zeros
+    stub.uns[SHARDS_UNS_KEY] = json.dumps({"paths": paths, "n_obs": n_obs, "layer": layer})
+    return stub
+
+
+def is_sharded(adata) -> bool:
+    """Whether ``adata`` is a stub from :func:`read_shards` (its matrix lives in shard files)."""
+    return isinstance(adata, AnnData) and SHARDS_UNS_KEY in adata.uns
+
+
+def shard_set(adata: AnnData) -> ShardSet:
+    """The shards behind a stub made by :func:`read_shards`."""
+    if not is_sharded(adata):
+        raise ValueError(
+            "This AnnData is not a sharded stub; make one with cellsight.data.read_shards(paths)."
+        )
+    rec = json.loads(adata.uns[SHARDS_UNS_KEY])
+    if sum(rec["n_obs"]) != adata.n_obs:
+        raise ValueError(
+            f"The sharded AnnData has {adata.n_obs} cells but its shards hold "
+            f"{sum(rec['n_obs'])}; do not subset a sharded stub, pass indices= instead."
+        )
+    return ShardSet(tuple(rec["paths"]), tuple(int(n) for n in rec["n_obs"]), rec["layer"])
+
+
+def validate_shards(
+    paths_or_stub: Sequence[str | os.PathLike] | AnnData,
+    require_counts: bool = True,
+    *,
+    layer: str | None = None,
+    likelihood: str | None = None,
+    chunk_size: int = 4096,
+) -> pd.DataFrame:
+    """Check every value of every shard in one streaming pass (schema checks included).
+
+    Parameters
+    ----------
+    paths_or_stub
+        Shard paths, or a stub from :func:`read_shards` (its layer is used).
+    require_counts
+        Also require non-negative integer values (raw counts).
+    layer
+        Layer to check when paths are given (``None``: ``X``).
+    likelihood
+        Likelihood name used in error messages.
+    chunk_size
+        Rows read per contiguous chunk.
+
+    Returns
+    -------
+    One row per shard: ``path``, ``n_obs``, ``nnz`` (stored non-zeros) and ``max`` value.
+
+    Raises
+    ------
+    ValueError
+        On the first chunk with NaN/inf values (or, with ``require_counts``, negative or
+        non-integer values), naming the shard, cell and gene.
+    """
+    stub = paths_or_stub if isinstance(paths_or_stub, AnnData) else read_shards(
+        paths_or_stub, layer=layer
+    )
+    info = shard_set(stub)
+    reader = ShardReader(
+        info.paths, info.n_obs, info.layer, stub.var_names,
+        require_counts=require_counts, likelihood=likelihood,
+    )
+    rows = []
+    try:
+        for s, (path, n) in enumerate(zip(info.paths, info.n_obs)):
+            nnz, vmax = 0, -np.inf
+            for start in range(0, n, chunk_size):
+                x = reader.read_shard_rows(s, np.arange(start, min(start + chunk_size, n)))
+                vals = x.data if sp.issparse(x) else np.asarray(x)
+                nnz += int(np.count_nonzero(vals))
+                if vals.size:
+                    vmax = max(vmax, float(vals.max()))
+            rows.append({"path": path, "n_obs": n, "nnz": nnz, "max": vmax if n else np.nan})
+    finally:
+        reader.close()
+    return pd.DataFrame(rows)
