@@ -29,11 +29,10 @@ import scipy.sparse as sp
 import torch
 
 from cellsight.data import ShardedDataModule, read_shards
+from cellsight.datasets import data_path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MOUSE = os.path.join(
-    HERE, "..", "..", "shared", "data", "mouse_10k_subset_1000genes_raw__scanpy-1.11.5-sdist.h5ad"
-)
+MOUSE = str(data_path("mouse_10k"))
 
 
 def make_shards(out_dir: str, copies: int, n_shards: int) -> list[str]:

@@ -10,10 +10,9 @@ import lightning.pytorch as pl
 import numpy as np
 import scipy.sparse as sp
 
-MOUSE = os.path.join(
-    os.path.dirname(__file__), "..", "..", "..", "shared", "data",
-    "mouse_10k_subset_1000genes_raw__scanpy-1.11.5-sdist.h5ad",
-)
+from cellsight.datasets import data_path
+
+MOUSE = str(data_path("mouse_10k"))  # the bundled copy of the real 10k mouse counts
 
 
 @functools.lru_cache(maxsize=1)

@@ -17,6 +17,7 @@ loader                     cells x genes   content
 =========================  ==============  ==============================================
 """
 
+from cellsight.datasets._files import data_path
 from cellsight.datasets.mouse import mouse_10k, visium_mouse_brain
 from cellsight.datasets.ontology import cell_ontology
 from cellsight.datasets.pbmc import pbmc3k, pbmc68k_reduced, pbmc_cite
@@ -24,6 +25,7 @@ from cellsight.datasets.simulate import simulate_counts
 from cellsight.datasets.tcells import wu2020
 
 __all__ = [
+    "data_path",
     "pbmc68k_reduced",
     "pbmc3k",
     "pbmc_cite",

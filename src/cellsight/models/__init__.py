@@ -1,0 +1,5 @@
+"""User-facing models (named as in the seeds) and their modules."""
+
+from cellsight.models.scvi import SCVI, SingleCellVariationalInference
+
+__all__ = ["SCVI", "SingleCellVariationalInference"]
