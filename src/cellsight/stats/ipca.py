@@ -1,0 +1,352 @@
+"""Incremental, distributed PCA (Ross et al. 2008; Iwen & Ong 2016).
+
+Each rank keeps a truncated SVD ``S_q, V_qg`` of its centred data and the running mean. A
+minibatch ``x_ng`` with mean ``m_b`` is folded in by a truncated SVD of the stacked matrix
+
+    ``[S V; x - m_b; sqrt(n_old n / (n_old + n)) (m_b - m_old)]``
+
+whose last row is the mean correction. Merging two ranks is the same step with the second
+rank's ``S V`` in place of the minibatch. At the end of the epoch every rank gathers all
+partial SVDs and merges them in rank order, so all ranks hold the same result.
+
+The model keeps ``n_components + n_oversamples`` directions internally: the directions just
+below the requested ones carry variance that later minibatches can promote, and dropping them
+at every step is what biases a plain incremental PCA. The per-gene variances are accumulated
+exactly (float64) for the explained variance ratio.
+
+Truncating at every minibatch is exact only when the spectrum beyond the kept directions is
+negligible; on single-cell data it is not (the tail of z-scored genes is flat), and the
+trailing components' variances come out several percent low (sklearn's ``IncrementalPCA`` is
+off by as much). With ``algorithm="gram"`` the model instead accumulates the shifted
+cross-product matrix ``sum (x - c)^T (x - c)`` (g x g, float64), sums it across ranks with
+Chan's correction for the ranks' different means, and takes its top eigenpairs at the end:
+one pass, exact, and affordable up to a few thousand genes (the usual PCA input: highly
+variable genes). ``"auto"`` uses it up to :data:`GRAM_MAX_GENES` genes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from cellsight.stats.base import StreamingModel, all_gather_stack, all_reduce_sum, world_info
+from cellsight.stats.mean_var import combine_moments
+
+__all__ = ["IncrementalPCA", "truncated_svd", "GRAM_MAX_GENES"]
+
+# "auto" accumulates the exact g x g matrix up to this many genes (128 MiB in float64)
+GRAM_MAX_GENES = 4096
+# minibatches with fewer non-zeros than this fraction take the sparse cross-product
+SPARSE_DENSITY = 0.25
+
+
+def truncated_svd(
+    a_mg: torch.Tensor, q: int, niter: int, generator_seed: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``q`` singular values and right vectors of ``a_mg``: ``(S_q, V_qg)``.
+
+    A randomised range finder with ``niter`` power iterations (Halko et al.) when ``q`` is
+    well below the matrix size, an exact SVD otherwise. The random start is seeded.
+    """
+    m, g = a_mg.shape
+    small = min(m, g)
+    if 2 * q >= small or small <= 256:
+        _, s, vh = torch.linalg.svd(a_mg, full_matrices=False)
+        return s[:q], vh[:q]
+    gen = torch.Generator().manual_seed(int(generator_seed or 0))
+    p = min(small, q + max(10, q // 2))
+    omega_gp = torch.randn(g, p, generator=gen, dtype=a_mg.dtype).to(a_mg.device)
+    y_mp = a_mg @ omega_gp
+    basis_mp, _ = torch.linalg.qr(y_mp)
+    for _ in range(niter):
+        z_gp, _ = torch.linalg.qr(a_mg.T @ basis_mp)
+        basis_mp, _ = torch.linalg.qr(a_mg @ z_gp)
+    b_pg = basis_mp.T @ a_mg
+    _, s, vh = torch.linalg.svd(b_pg, full_matrices=False)
+    return s[:q], vh[:q]
+
+
+def _flip_signs(v_kg: torch.Tensor) -> torch.Tensor:
+    """Make the largest-magnitude loading of every component positive (deterministic signs)."""
+    idx = v_kg.abs().argmax(dim=1, keepdim=True)
+    sign = torch.sign(v_kg.gather(1, idx))
+    sign[sign == 0] = 1
+    return v_kg * sign
+
+
+class IncrementalPCA(StreamingModel):
+    """Principal components of a data set streamed in minibatches and across ranks.
+
+    Parameters
+    ----------
+    var_names_g
+        The gene names (schema of the input).
+    n_components
+        Number of principal components.
+    svd_lowrank_niter
+        Power iterations of the randomised truncated SVD of each update.
+    perform_mean_correction
+        Centre the data with the running mean (``False``: the data are taken as centred, e.g.
+        after a z-score transform with the global mean, and are not centred again).
+    n_oversamples
+        Extra directions kept internally beyond ``n_components`` (accuracy of the trailing
+        components); 0 gives the textbook incremental PCA.
+    algorithm
+        ``"incremental"`` (merging truncated SVDs, any number of genes), ``"gram"`` (exact
+        one-pass cross-product matrix, g x g memory) or ``"auto"`` (``"gram"`` up to
+        :data:`GRAM_MAX_GENES` genes).
+    seed
+        Seed of the randomised SVDs.
+    """
+
+    def __init__(
+        self,
+        var_names_g: Sequence[str] | np.ndarray,
+        n_components: int,
+        svd_lowrank_niter: int = 2,
+        perform_mean_correction: bool = True,
+        n_oversamples: int = 10,
+        algorithm: Literal["auto", "incremental", "gram"] = "auto",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(var_names_g)
+        if not 1 <= int(n_components) <= self.n_vars:
+            raise ValueError(
+                f"n_components={n_components} must be between 1 and the number of genes "
+                f"({self.n_vars})."
+            )
+        if svd_lowrank_niter < 0 or n_oversamples < 0:
+            raise ValueError("svd_lowrank_niter and n_oversamples must be >= 0.")
+        self.n_components = int(n_components)
+        self.svd_lowrank_niter = int(svd_lowrank_niter)
+        self.perform_mean_correction = bool(perform_mean_correction)
+        self.n_oversamples = int(n_oversamples)
+        self.n_internal = min(self.n_vars, self.n_components + self.n_oversamples)
+        self.seed = int(seed)
+        if algorithm not in ("auto", "incremental", "gram"):
+            raise ValueError(f"algorithm={algorithm!r}; use 'auto', 'incremental' or 'gram'.")
+        if algorithm == "auto":
+            algorithm = "gram" if self.n_vars <= GRAM_MAX_GENES else "incremental"
+        self.algorithm = algorithm
+        q, g, f64 = self.n_internal, self.n_vars, torch.float64
+        gram = algorithm == "gram"
+        self.register_buffer("gram_gg", torch.zeros((g, g) if gram else (0, 0), dtype=f64))
+        self.register_buffer("gram_sums_g", torch.zeros(g if gram else 0, dtype=f64))
+        self.register_buffer("gram_shift_g", torch.zeros(g if gram else 0, dtype=f64))
+        self.register_buffer("S_q", torch.zeros(q, dtype=f64))
+        self.register_buffer("V_qg", torch.zeros(q, g, dtype=f64))
+        self.register_buffer("x_mean_g", torch.zeros(g, dtype=f64))
+        self.register_buffer("x_m2_g", torch.zeros(g, dtype=f64))
+        self.register_buffer("x_size", torch.zeros((), dtype=f64))
+        self.register_buffer("n_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("finished_at", torch.zeros((), dtype=torch.long))
+
+    def reset_parameters(self) -> None:
+        for buf in (self.S_q, self.V_qg, self.x_mean_g, self.x_m2_g, self.x_size, self.n_updates,
+                    self.gram_gg, self.gram_sums_g, self.gram_shift_g, self.finished_at):
+            buf.zero_()
+
+    # ----------------------------------------------------------------- exact (gram) path
+    def _gram_update(self, x_ng: torch.Tensor) -> None:
+        n = x_ng.shape[0]
+        if self.perform_mean_correction and float(self.x_size) == 0:
+            self.gram_shift_g.copy_(x_ng.mean(0))
+        c_g = self.gram_shift_g
+        nnz_g = (x_ng != 0).sum(0)
+        sparse = (
+            x_ng.device.type == "cpu"
+            and int(nnz_g.sum()) < SPARSE_DENSITY * x_ng.numel()
+            and int(nnz_g.max()) < n / 2
+        )
+        if sparse:
+            # sparse minibatch (counts, log counts): X^T X costs nnz * g instead of n * g^2.
+            # Expanding (x - c)^T (x - c) loses no precision when every gene is zero in most
+            # cells, since such a gene's mean^2 is below its variance
+            x_sp = sp.csr_matrix(x_ng.numpy())
+            xtx_gg = torch.from_numpy((x_sp.T @ x_sp).toarray())
+            s_g = x_ng.sum(0)
+            self.gram_gg += xtx_gg - torch.outer(c_g, s_g) - torch.outer(s_g, c_g)
+            self.gram_gg += n * torch.outer(c_g, c_g)
+            self.gram_sums_g += s_g - n * c_g
+        else:
+            xs_ng = x_ng - c_g
+            self.gram_gg.addmm_(xs_ng.T, xs_ng)
+            self.gram_sums_g += xs_ng.sum(0)
+        self.x_size += n
+
+    def _gram_finish(self) -> None:
+        """Pool ranks (Chan's correction for their shifts) and take the top eigenpairs."""
+        n_r = all_gather_stack(self.x_size.reshape(1))[:, 0]
+        sums_rg = all_gather_stack(self.gram_sums_g)
+        shift_rg = all_gather_stack(self.gram_shift_g)
+        safe_r = n_r.clamp_min(1)[:, None]
+        mean_rg = shift_rg + sums_rg / safe_r
+        # each rank's cross-products about its own mean, summed over ranks, plus the spread
+        # of the ranks' means
+        rank = world_info()[0]
+        m2_gg = self.gram_gg - torch.outer(self.gram_sums_g, self.gram_sums_g) / safe_r[rank]
+        m2_gg = all_reduce_sum(m2_gg)
+        n = n_r.sum()
+        mean_g = (n_r[:, None] * mean_rg).sum(0) / n.clamp_min(1)
+        if self.perform_mean_correction:
+            dev_rg = mean_rg - mean_g
+            m2_gg += (n_r[:, None] * dev_rg).T @ dev_rg
+        else:
+            mean_g = torch.zeros_like(mean_g)
+        evals, evecs = torch.linalg.eigh(m2_gg)
+        top = torch.argsort(evals, descending=True)[: self.n_internal]
+        self.S_q.copy_(evals[top].clamp_min(0).sqrt())
+        self.V_qg.copy_(evecs[:, top].T)
+        self.x_size.copy_(n)
+        self.x_mean_g.copy_(mean_g)
+        self.x_m2_g.copy_(torch.diagonal(m2_gg).clamp_min(0))
+        self.finished_at.copy_(self.n_updates)
+
+    def _ensure_finished(self) -> None:
+        """Gram path: compute the eigenpairs if data arrived since (single process only)."""
+        if self.algorithm != "gram" or int(self.finished_at) == int(self.n_updates):
+            return
+        if world_info()[1] > 1:
+            raise ValueError(
+                "IncrementalPCA results are read before the epoch-end reduction across ranks; "
+                "run the Trainer to the end of the epoch first."
+            )
+        self._gram_finish()
+
+    # ----------------------------------------------------------------- streaming
+    def _merge(
+        self,
+        state_a: tuple[torch.Tensor, ...],
+        rows_b_mg: torch.Tensor,
+        moments_b: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        seed: int,
+    ) -> tuple[torch.Tensor, ...]:
+        """Fold ``rows_b_mg`` (centred rows, or ``S V`` of another state) into ``state_a``.
+
+        States are ``(S_q, V_qg, n, mean_g, m2_g)``; ``moments_b`` is ``(n, mean_g, m2_g)`` of
+        the rows' data.
+        """
+        s_a, v_a, n_a, mean_a, m2_a = state_a
+        n_b, mean_b, m2_b = moments_b
+        if float(n_b) == 0:
+            return state_a
+        rows = [rows_b_mg]
+        if float(n_a) > 0:
+            rows.insert(0, s_a[:, None] * v_a)
+            if self.perform_mean_correction:
+                scale = torch.sqrt(n_a * n_b / (n_a + n_b))
+                rows.append((scale * (mean_b - mean_a))[None])
+        s, v = truncated_svd(torch.cat(rows), self.n_internal, self.svd_lowrank_niter, seed)
+        n, mean, m2 = combine_moments(
+            torch.stack([n_a, n_b])[:, None], torch.stack([mean_a, mean_b]),
+            torch.stack([m2_a, m2_b]),
+        )
+        if len(s) < self.n_internal:  # fewer rows than directions so far
+            pad = self.n_internal - len(s)
+            s = torch.cat([s, s.new_zeros(pad)])
+            v = torch.cat([v, v.new_zeros(pad, v.shape[1])])
+        return s, v, n.reshape(()), mean, m2
+
+    def _state(self) -> tuple[torch.Tensor, ...]:
+        return self.S_q, self.V_qg, self.x_size, self.x_mean_g, self.x_m2_g
+
+    def _set_state(self, state: tuple[torch.Tensor, ...]) -> None:
+        for buf, val in zip(self._state(), state):
+            buf.copy_(val)
+
+    def forward(
+        self,
+        x_ng: torch.Tensor,
+        var_names_g: np.ndarray | None = None,
+        batch_index_n: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """Fold one minibatch into the partial SVD."""
+        self.check_input(x_ng, var_names_g)
+        x_ng = x_ng.to(torch.float64)
+        n = x_ng.shape[0]
+        if n == 0:
+            return {}
+        if self.algorithm == "gram":
+            self._gram_update(x_ng)
+            self.n_updates += 1
+            return {}
+        if self.perform_mean_correction:
+            mean_b = x_ng.mean(0)
+            rows_ng = x_ng - mean_b
+        else:  # the data are taken as centred: spread is measured about zero
+            mean_b = torch.zeros_like(x_ng[0])
+            rows_ng = x_ng
+        moments_b = (x_ng.new_tensor(float(n)), mean_b, (rows_ng * rows_ng).sum(0))
+        seed = self.seed * 1_000_003 + int(self.n_updates)
+        self._set_state(self._merge(self._state(), rows_ng, moments_b, seed))
+        self.n_updates += 1
+        return {}
+
+    def on_train_epoch_end(self, trainer) -> None:
+        if self.algorithm == "gram":
+            self._gram_finish()
+            return
+        parts = [all_gather_stack(t) for t in self._state()]
+        world = parts[0].shape[0]
+        if world == 1:
+            return
+        state = tuple(p[0] for p in parts)
+        for r in range(1, world):
+            s_b, v_b, n_b, mean_b, m2_b = (p[r] for p in parts)
+            rows_b = s_b[:, None] * v_b
+            state = self._merge(state, rows_b, (n_b, mean_b, m2_b), self.seed + 7919 * r)
+        self._set_state(state)
+
+    # ----------------------------------------------------------------- results
+    @property
+    def explained_variance_k(self) -> torch.Tensor:
+        """Variance along each component (``S**2 / n``: ``n`` degrees of freedom)."""
+        self._ensure_finished()
+        return self.S_q[: self.n_components] ** 2 / self.x_size.clamp_min(1)
+
+    @property
+    def components_kg(self) -> torch.Tensor:
+        """Principal axes, sorted by decreasing explained variance (largest loading > 0)."""
+        self._ensure_finished()
+        return _flip_signs(self.V_qg[: self.n_components])
+
+    @property
+    def mean_g(self) -> torch.Tensor:
+        """Mean of every gene (zero when ``perform_mean_correction=False``)."""
+        self._ensure_finished()
+        return self.x_mean_g
+
+    @property
+    def total_variance(self) -> torch.Tensor:
+        """Sum of the per-gene variances (``n`` degrees of freedom)."""
+        self._ensure_finished()
+        return self.x_m2_g.sum() / self.x_size.clamp_min(1)
+
+    @property
+    def explained_variance_ratio_k(self) -> torch.Tensor:
+        """Fraction of the total variance along each component."""
+        return self.explained_variance_k / self.total_variance
+
+    def predict(
+        self, x_ng: torch.Tensor, var_names_g: np.ndarray | None = None
+    ) -> dict[str, np.ndarray | torch.Tensor]:
+        """Centre ``x_ng`` and project it on the components: ``{"x_ng": z_nk}``."""
+        self.check_input(x_ng, var_names_g)
+        x_ng = x_ng.to(torch.float64)
+        if self.perform_mean_correction:
+            x_ng = x_ng - self.x_mean_g
+        return {"x_ng": x_ng @ self.components_kg.T}
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """Components (``PC1``... columns) by gene."""
+        comp = self.components_kg.cpu().numpy().T
+        return pd.DataFrame(
+            comp,
+            index=pd.Index(self.var_names_g, name="gene"),
+            columns=[f"PC{i + 1}" for i in range(self.n_components)],
+        )

@@ -1,0 +1,254 @@
+"""Per-minibatch transforms for streaming pipelines.
+
+Each transform is a ``torch.nn.Module`` mapping ``x_ng -> x_ng``. Transforms that depend on
+gene names are bound to the genes of their input with :meth:`setup_genes`, which returns the
+genes of their output (so a chain's output genes are known before any data is read).
+:class:`cellsight.stats.base.StatisticPlan` binds and applies them in order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+__all__ = [
+    "Densify", "NormalizeTotal", "Log1p", "ZScore", "Filter", "apply_transforms",
+    "standard_transforms",
+]
+
+
+class GeneTransform(torch.nn.Module):
+    """A transform that keeps the genes as they are (the default :meth:`setup_genes`)."""
+
+    def setup_genes(self, var_names_g: np.ndarray) -> np.ndarray:
+        """Bind to the input genes; return the output genes."""
+        return np.asarray(var_names_g).astype(str)
+
+
+class Densify(GeneTransform):
+    """Turn a sparse minibatch (COO/CSR tensor) into a dense one; dense input passes through."""
+
+    def forward(self, x_ng: torch.Tensor) -> torch.Tensor:
+        return x_ng.to_dense() if x_ng.layout != torch.strided else x_ng
+
+
+class NormalizeTotal(GeneTransform):
+    """Scale every cell to ``target_count`` total counts (scanpy's ``normalize_total``).
+
+    Cells with zero total stay zero.
+
+    Parameters
+    ----------
+    target_count
+        Total of every cell after scaling (scanpy's ``target_sum``).
+    eps
+        Added to the totals (0: exact scanpy behaviour).
+    """
+
+    def __init__(self, target_count: float = 1e4, eps: float = 0.0) -> None:
+        super().__init__()
+        if target_count <= 0:
+            raise ValueError(f"target_count={target_count} must be > 0.")
+        self.target_count = float(target_count)
+        self.eps = float(eps)
+
+    def forward(self, x_ng: torch.Tensor) -> torch.Tensor:
+        total_n1 = x_ng.sum(dim=1, keepdim=True) + self.eps
+        total_n1 = torch.where(total_n1 == 0, torch.ones_like(total_n1), total_n1)
+        return x_ng * (self.target_count / total_n1)
+
+
+class Log1p(GeneTransform):
+    """``log(1 + x)`` (natural log, as scanpy's ``log1p``)."""
+
+    def forward(self, x_ng: torch.Tensor) -> torch.Tensor:
+        return torch.log1p(x_ng)
+
+
+def _read_stats_table(path: str) -> pd.DataFrame:
+    if not os.path.exists(path):
+        raise ValueError(
+            f"stats_path {path!r} does not exist; run the mean/var step first (cellsight fit "
+            "mean_var, or cellsight.pp.mean_var(..., output_path=...))."
+        )
+    df = pd.read_csv(path, index_col=0)
+    for col in ("mean", "std"):
+        if col not in df.columns:
+            raise ValueError(
+                f"{path!r} has no {col!r} column (columns: {list(df.columns)[:10]}); pass the "
+                "CSV written by OnePassMeanVarStd (output_path) or cellsight.pp.mean_var."
+            )
+    df.index = df.index.astype(str)
+    return df
+
+
+class ZScore(GeneTransform):
+    """Centre and scale every gene: ``(x - mean_g) / std_g`` (scanpy's ``scale``).
+
+    Genes with zero standard deviation are only centred (scanpy sets their std to 1).
+
+    Parameters
+    ----------
+    mean_g, std_g
+        Per-gene mean and standard deviation, in the order of ``var_names_g``.
+    var_names_g
+        Genes of ``mean_g``/``std_g``; the transform picks them by name for its input.
+    stats_path
+        Instead of the arrays: a CSV with ``mean`` and ``std`` columns indexed by gene (the
+        output of :class:`cellsight.stats.OnePassMeanVarStd` or ``cellsight.pp.mean_var``), so
+        a mean/var run can feed a z-scored PCA run.
+    max_value
+        Clip the result to ``[-max_value, max_value]`` (scanpy's ``max_value``).
+    """
+
+    def __init__(
+        self,
+        mean_g: Sequence[float] | torch.Tensor | None = None,
+        std_g: Sequence[float] | torch.Tensor | None = None,
+        var_names_g: Sequence[str] | None = None,
+        stats_path: str | None = None,
+        max_value: float | None = None,
+    ) -> None:
+        super().__init__()
+        if stats_path is not None:
+            df = _read_stats_table(stats_path)
+            mean_g, std_g, var_names_g = df["mean"].to_numpy(), df["std"].to_numpy(), df.index
+        if mean_g is None or std_g is None or var_names_g is None:
+            raise ValueError(
+                "ZScore needs mean_g, std_g and var_names_g, or stats_path (a mean/var CSV)."
+            )
+        mean = torch.as_tensor(np.asarray(mean_g, dtype=np.float64))
+        std = torch.as_tensor(np.asarray(std_g, dtype=np.float64))
+        names = np.asarray(var_names_g).astype(str)
+        if not (mean.shape == std.shape == names.shape):
+            raise ValueError(
+                f"mean_g {tuple(mean.shape)}, std_g {tuple(std.shape)} and var_names_g "
+                f"{names.shape} must have the same length."
+            )
+        if not torch.isfinite(mean).all() or not torch.isfinite(std).all() or (std < 0).any():
+            raise ValueError("mean_g and std_g must be finite, and std_g >= 0.")
+        self.stats_names = names
+        self.max_value = max_value
+        self.register_buffer("all_mean_g", mean)
+        self.register_buffer("all_std_g", torch.where(std == 0, torch.ones_like(std), std))
+        self.register_buffer("mean_g", mean.clone())
+        self.register_buffer("std_g", self.all_std_g.clone())
+
+    def setup_genes(self, var_names_g: np.ndarray) -> np.ndarray:
+        names = np.asarray(var_names_g).astype(str)
+        index = pd.Index(self.stats_names)
+        pos = index.get_indexer(names)
+        if (pos < 0).any():
+            missing = names[pos < 0]
+            raise ValueError(
+                f"ZScore has no mean/std for {len(missing)} input gene(s) "
+                f"({', '.join(map(repr, missing[:5]))}{', ...' if len(missing) > 5 else ''}); "
+                "compute the statistics on the same genes (after the same Filter)."
+            )
+        idx = torch.as_tensor(pos)
+        self.mean_g = self.all_mean_g[idx].clone()
+        self.std_g = self.all_std_g[idx].clone()
+        return names
+
+    def forward(self, x_ng: torch.Tensor) -> torch.Tensor:
+        out = (x_ng - self.mean_g.to(x_ng.dtype)) / self.std_g.to(x_ng.dtype)
+        if self.max_value is not None:
+            out = out.clamp(-self.max_value, self.max_value)
+        return out
+
+
+class Filter(GeneTransform):
+    """Keep the genes of ``filter_list``, in that order.
+
+    Parameters
+    ----------
+    filter_list
+        Gene names to keep, in the output order.
+    missing
+        What to do with names of ``filter_list`` absent from the input: ``"error"`` (a
+        ``ValueError`` listing them) or ``"zero"`` (an all-zero column).
+    """
+
+    def __init__(
+        self, filter_list: Sequence[str], missing: Literal["error", "zero"] = "error"
+    ) -> None:
+        super().__init__()
+        names = np.asarray(list(filter_list)).astype(str)
+        if names.size == 0:
+            raise ValueError("filter_list is empty; pass at least one gene name.")
+        if not pd.Index(names).is_unique:
+            raise ValueError("filter_list has duplicated gene names; pass each gene once.")
+        if missing not in ("error", "zero"):
+            raise ValueError(f"missing={missing!r}; use 'error' or 'zero'.")
+        self.filter_list = names
+        self.missing = missing
+        self.register_buffer("index_g", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("present_g", torch.zeros(0, dtype=torch.bool))
+
+    def setup_genes(self, var_names_g: np.ndarray) -> np.ndarray:
+        pos = pd.Index(np.asarray(var_names_g).astype(str)).get_indexer(self.filter_list)
+        absent = pos < 0
+        if absent.any() and self.missing == "error":
+            miss = self.filter_list[absent]
+            raise ValueError(
+                f"{len(miss)} gene(s) of filter_list are not in the data "
+                f"({', '.join(map(repr, miss[:5]))}{', ...' if len(miss) > 5 else ''}); remove "
+                "them from filter_list or pass missing='zero' to add them as zero columns."
+            )
+        self.index_g = torch.as_tensor(np.where(absent, 0, pos), dtype=torch.long)
+        self.present_g = torch.as_tensor(~absent)
+        return self.filter_list.copy()
+
+    def forward(self, x_ng: torch.Tensor) -> torch.Tensor:
+        if self.index_g.numel() != len(self.filter_list):
+            raise ValueError(
+                "Filter is not bound to input genes; call setup_genes(var_names) first."
+            )
+        out = x_ng.index_select(1, self.index_g.to(x_ng.device))
+        if not bool(self.present_g.all()):
+            out = out * self.present_g.to(out.device, out.dtype)
+        return out
+
+
+def apply_transforms(
+    transforms: Sequence[torch.nn.Module], x_ng: torch.Tensor
+) -> torch.Tensor:
+    """Apply bound transforms in order."""
+    for t in transforms:
+        x_ng = t(x_ng)
+    return x_ng
+
+
+def standard_transforms(
+    normalize_total: float | None = None,
+    log1p: bool = False,
+    genes: Sequence[str] | None = None,
+    missing: Literal["error", "zero"] = "error",
+) -> list[torch.nn.Module]:
+    """The usual chain: normalise total, log1p, then keep ``genes`` (each optional).
+
+    Parameters
+    ----------
+    normalize_total
+        Target total per cell (``None``: no normalisation).
+    log1p
+        Apply ``log(1 + x)``.
+    genes
+        Keep these genes, in this order, after normalising (totals use all genes, as in the
+        usual scanpy order: normalise, log, then subset to highly variable genes).
+    missing
+        Genes of ``genes`` absent from the data: ``"error"`` or ``"zero"``.
+    """
+    out: list[torch.nn.Module] = []
+    if normalize_total is not None:
+        out.append(NormalizeTotal(normalize_total))
+    if log1p:
+        out.append(Log1p())
+    if genes is not None:
+        out.append(Filter(genes, missing=missing))
+    return out
