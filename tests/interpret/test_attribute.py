@@ -160,9 +160,10 @@ def test_gradientshap_is_seeded_and_agrees_with_captum_in_expectation():
     np.testing.assert_array_equal(a1, a2)
     assert not np.array_equal(a1, a3)
     torch.manual_seed(0)
-    ref = GradientShap(net).attribute(x, baselines=bg, target=0, n_samples=4000).detach().numpy()
-    ours = attribute(net, x, method="gs", baselines=bg, target=0, n_samples=4000, seed=0)
-    # both are Monte Carlo estimates of the same expectation (4000 draws each)
+    ref = GradientShap(net).attribute(x, baselines=bg, target=0, n_samples=20000).detach().numpy()
+    ours = attribute(net, x, method="gs", baselines=bg, target=0, n_samples=20000, seed=0)
+    # both are Monte Carlo estimates of the same expectation (20000 draws each: at 4000 the
+    # Monte Carlo error reached 6.6% of the largest attribution in one CI run)
     assert np.abs(ours - ref).max() <= 0.05 * np.abs(ref).max()
 
 
