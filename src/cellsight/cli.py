@@ -80,11 +80,35 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# cellsight fit
+# ---------------------------------------------------------------------------------------------
+def _run_fit(args: argparse.Namespace) -> int:
+    from cellsight.cli_fit import main as fit_main
+
+    return fit_main(list(args.fit_args))
+
+
+def _add_fit(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "fit",
+        add_help=False,
+        help="fit a streaming statistic (mean_var, tdigest, hvg, ipca, ppca) from a config",
+        description=(
+            "cellsight fit MODEL --config x.yaml [--print_config] [--key value ...]: stream "
+            "shards through transforms into a statistic and write its table; runs chain "
+            "through files. `cellsight fit MODEL --help` lists a model's options."
+        ),
+    )
+    p.add_argument("fit_args", nargs=argparse.REMAINDER, help="MODEL and its options")
+    p.set_defaults(func=_run_fit)
+
+
+# ---------------------------------------------------------------------------------------------
 # Sub-commands register here: append an ``_add_<name>(subparsers)`` function (see above).
 # ---------------------------------------------------------------------------------------------
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_demo,
-    # _add_fit,  (cellsight fit: added by the training CLI)
+    _add_fit,
 ]
 
 
@@ -115,8 +139,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     -------
     Exit status: 0 on success, 2 for a usage error, 1 when a command rejects its input.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(None if argv is None else list(argv))
+    if argv and argv[0] == "fit":
+        # everything after `fit` belongs to the jsonargparse parser of cellsight.cli_fit
+        args = argparse.Namespace(command="fit", func=_run_fit, fit_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

@@ -82,3 +82,18 @@ def test_unknown_model_is_a_clear_error():
     with pytest.raises(ValueError, match="Unknown model 'umap'"):
         main(["umap"])
     assert main([]) == 2
+
+
+def test_cellsight_console_dispatches_fit_and_reports_bad_models(shards, tmp_path, capsys):
+    """`cellsight fit ...` (the console entry point) runs cli_fit with the rest of argv."""
+    from cellsight.cli import main as cellsight_main
+
+    cells, _, paths = shards
+    out = str(tmp_path / "m")
+    assert cellsight_main(["fit", "mean_var", f"--data.paths={paths}", f"--output_dir={out}",
+                           "--trainer.enable_progress_bar=false"]) == 0
+    table = pd.read_csv(f"{out}/mean_var.csv", index_col=0)
+    np.testing.assert_allclose(table["mean"], cells.X.toarray().mean(0), rtol=1e-5)
+    assert cellsight_main(["fit", "nosuchmodel"]) == 1
+    assert "Unknown model 'nosuchmodel'" in capsys.readouterr().err
+    assert cellsight_main(["fit"]) == 2

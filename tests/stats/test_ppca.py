@@ -41,17 +41,20 @@ def test_marginalized_ppca_eigenvalues_within_1e3_of_the_covariance(data):
 
 
 @pytest.mark.slow
-def test_linear_vae_ppca_approaches_the_same_eigenvalues(data):
-    """The linear VAE's optimum is the PPCA solution, but its ELBO is flat along rotations of
-    W (the diagonal posterior is off by little), so Adam gets there slowly: 1000 cosine-
-    annealed full-batch steps reach ~4e-3; the tolerance is 1e-2."""
+def test_linear_vae_ppca_eigenvalues_within_1e3_of_the_covariance(data):
+    """The linear VAE's optimum is the PPCA solution (Lucas et al. 2019), but its ELBO is
+    nearly flat along rotations of W (only the diagonal-posterior gap, zero when W W^T is
+    diagonal, pins the rotation), so a small step size gets there slowly (lr 0.05: 4e-3 after
+    1000 steps). 1000 cosine-annealed full-batch Adam steps at lr 0.2 reach ~1.3e-4 (measured);
+    the tolerance is 1e-3, as for the marginalised flavour."""
     a, x, evals = data
     src = stream_data(a, batch_size=a.n_obs, pad=True)
     model = ProbabilisticPCA(a.n_obs, src.var_names_g, 2, "linear_vae",
                              mean_g=x.mean(0), W_init_scale=0.1)
     fit_statistic(model, src.datamodule, input_var_names_g=src.var_names_g,
-                  max_epochs=1000, lr=0.05, lr_schedule="cosine")
-    np.testing.assert_allclose(model.L_k.numpy(), evals[:2], rtol=1e-2)
+                  max_epochs=1000, lr=0.2, lr_schedule="cosine")
+    np.testing.assert_allclose(model.L_k.numpy(), evals[:2], rtol=1e-3)
+    np.testing.assert_allclose(model.sigma_variance / a.n_vars, evals[2:].mean(), rtol=1e-3)
     z = model.predict(torch.as_tensor(x[:5]))["z_nk"].numpy()
     np.testing.assert_allclose(z, (x[:5] - x.mean(0)) @ model.U_gk.numpy(), rtol=1e-12)
 

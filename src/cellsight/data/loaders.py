@@ -18,6 +18,8 @@ import scipy.sparse as sp
 import torch
 from scvi.data import AnnDataManager
 
+from cellsight.data.sparse import csr_tensor
+
 __all__ = [
     "registry_arrays",
     "TensorBatchLoader",
@@ -139,6 +141,9 @@ class TensorBatchLoader:
         length when ``shuffle`` so every rank runs the same number of steps).
     device
         Device the minibatches are moved to (``None``: leave on CPU, Lightning moves them).
+    sparse_x
+        Serve a CSR-held ``X`` as torch CSR tensors instead of densifying each minibatch
+        (streaming statistics work on the non-zeros).
     """
 
     def __init__(
@@ -151,6 +156,7 @@ class TensorBatchLoader:
         drop_last: bool = False,
         distributed: bool = True,
         device: torch.device | str | None = None,
+        sparse_x: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1.")
@@ -165,6 +171,7 @@ class TensorBatchLoader:
         self.drop_last = drop_last
         self.distributed = distributed
         self.device = device
+        self.sparse_x = bool(sparse_x)
         self.epoch = 0
         self._batches_done = 0  # minibatches served in the current epoch
         self._resume_at = 0  # first minibatch of the next iteration (resuming mid-epoch)
@@ -209,6 +216,8 @@ class TensorBatchLoader:
         for key, arr in self.arrays.items():
             if isinstance(arr, torch.Tensor):
                 t = arr.index_select(0, t_idx)
+            elif self.sparse_x:
+                t = csr_tensor(arr[idx])
             else:
                 t = torch.from_numpy(arr[idx].toarray())
             out[key] = t if self.device is None else t.to(self.device, non_blocking=True)

@@ -25,6 +25,7 @@ from cellsight.data import validate as V
 from cellsight.data.loaders import dist_info
 from cellsight.data.shards_io import ShardReader
 from cellsight.data.shards_plan import epoch_stream, n_batches, rank_positions, serve_sequence
+from cellsight.data.sparse import csr_tensor
 
 __all__ = ["obs_arrays", "batch_code_array", "ShardedDataset", "ShardedLoader"]
 
@@ -110,15 +111,22 @@ def _identity(batch):
     return batch
 
 
-def to_tensors(batch: dict) -> dict[str, torch.Tensor]:
-    """A minibatch as sent by a worker (numpy; ``X`` as CSR parts) -> the dict of tensors."""
+def to_tensors(batch: dict, sparse_x: bool = False) -> dict[str, torch.Tensor]:
+    """A minibatch as sent by a worker (numpy; ``X`` as CSR parts) -> the dict of tensors.
+
+    With ``sparse_x``, a sparse ``X`` stays a torch CSR tensor.
+    """
     if not batch.pop(_PACKED, False):
         return batch
     csr = batch.pop("X_csr", None)
     if csr is not None:
         indptr, indices, data, n_vars = csr
         shape = (len(indptr) - 1, int(n_vars))
-        batch[K.X_KEY] = sp.csr_matrix((data, indices, indptr), shape=shape).toarray()
+        x = sp.csr_matrix((data, indices, indptr), shape=shape)
+        rest = {k: torch.from_numpy(v) for k, v in batch.items()}
+        if sparse_x:
+            return {K.X_KEY: csr_tensor(x), **rest}
+        return {K.X_KEY: torch.from_numpy(x.toarray()), **rest}
     x_ng = batch.pop(K.X_KEY)
     return {K.X_KEY: torch.from_numpy(x_ng), **{k: torch.from_numpy(v) for k, v in batch.items()}}
 
@@ -203,6 +211,7 @@ class ShardedDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.return_indices = bool(return_indices)
         self.pack_sparse = False  # yield packed numpy (set by ShardedLoader for workers)
+        self.sparse_x = False  # yield a sparse X as a torch CSR tensor (streaming statistics)
         self.epoch = 0
         self.skip = 0  # minibatches of the serving sequence already served (resume)
         self.n_streams = 1  # workers the serving sequence is planned for
@@ -287,6 +296,11 @@ class ShardedDataset(IterableDataset):
             obs[K.INDICES_KEY] = idx[:, None].copy()
         if self.pack_sparse:  # in a worker: one pickled message, X as CSR (bytes ~ non-zeros)
             return {_PACKED: True, **obs, **_packed_x(parts, self.reader.var_names.size)}
+        if self.sparse_x and all(sp.issparse(p) for p in parts):
+            x = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+            out = {K.X_KEY: csr_tensor(x)}
+            out.update({key: torch.from_numpy(v) for key, v in obs.items()})
+            return out
         dense = [p.toarray() if sp.issparse(p) else np.asarray(p) for p in parts]
         x_ng = dense[0] if len(dense) == 1 else np.concatenate(dense)
         out = {K.X_KEY: torch.from_numpy(np.ascontiguousarray(x_ng, dtype=np.float32))}
@@ -371,7 +385,7 @@ class ShardedLoader(DataLoader):
     def _count(self, it) -> Iterator[dict[str, torch.Tensor]]:
         for batch in it:
             self._served += 1
-            batch = to_tensors(batch)
+            batch = to_tensors(batch, self.dataset.sparse_x)
             if self.device is not None:
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             yield batch

@@ -23,6 +23,9 @@ import pandas as pd
 import torch
 from torch import distributed as dist
 
+from cellsight.data.sparse import csr_with_values, is_csr
+from cellsight.stats.transforms import apply_transforms
+
 __all__ = [
     "StreamingModel",
     "StatisticPlan",
@@ -113,6 +116,11 @@ class StreamingModel(torch.nn.Module):
 
     n_epochs: int = 1
     is_trainable: bool = False
+
+    @property
+    def accepts_sparse(self) -> bool:
+        """Whether :meth:`forward` takes torch CSR minibatches (work ~ non-zeros)."""
+        return False
 
     def __init__(self, var_names_g: Sequence[str] | np.ndarray) -> None:
         super().__init__()
@@ -240,13 +248,19 @@ class StatisticPlan(pl.LightningModule):
             self._ddp_anchor = torch.nn.Parameter(torch.zeros(1))
 
     def transform(self, x_ng: torch.Tensor) -> torch.Tensor:
-        """Densify, cast, and apply the transforms to one minibatch."""
-        if x_ng.layout != torch.strided:
-            x_ng = x_ng.to_dense()
-        x_ng = x_ng.to(self.dtype_)
-        for t in self.transforms:
-            x_ng = t(x_ng)
-        return x_ng
+        """Cast and apply the transforms to one minibatch.
+
+        A CSR minibatch stays sparse through the transforms that keep zeros and reaches the
+        model sparse when the model takes it (``accepts_sparse``); otherwise it is densified
+        where needed.
+        """
+        if is_csr(x_ng):
+            x_ng = csr_with_values(x_ng, x_ng.values().to(self.dtype_))
+        elif x_ng.layout != torch.strided:
+            x_ng = x_ng.to_dense().to(self.dtype_)
+        else:
+            x_ng = x_ng.to(self.dtype_)
+        return apply_transforms(self.transforms, x_ng, keep_sparse=self.model.accepts_sparse)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
         x_ng = self.transform(batch["X"])

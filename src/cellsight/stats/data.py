@@ -1,10 +1,10 @@
 """Where a statistic's minibatches come from: an in-memory AnnData, a path, or shards.
 
 :func:`stream_data` turns the ``data`` argument of :mod:`cellsight.pp` / :mod:`cellsight.tl`
-into a Lightning data module yielding dict minibatches (``"X"`` and, with a ``batch_key``,
-``"batch"`` codes) split across DDP ranks *without padding*: every cell is counted exactly
-once, which statistics need (training pads ranks to equal length; gradient models ask for
-``pad=True``).
+into a Lightning data module yielding dict minibatches (``"X"``, a torch CSR tensor when the
+data are sparse, and, with a ``batch_key``, ``"batch"`` codes) split across DDP ranks
+*without padding*: every cell is counted exactly once, which statistics need (training pads
+ranks to equal length; gradient models ask for ``pad=True``).
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ class _ArrayStatsModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> TensorBatchLoader:
         return TensorBatchLoader(
-            self.arrays, batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed
+            self.arrays, batch_size=self.batch_size, shuffle=self.shuffle, seed=self.seed,
+            sparse_x=True,
         )
 
 
@@ -150,6 +151,7 @@ class _ShardStatsModule(pl.LightningDataModule):
             shuffle=inner.shuffle, seed=inner.seed, block_size=inner.block_size,
             buffer_blocks=inner.buffer_blocks, even=self.pad, rank=rank, world_size=world,
         )
+        dataset.sparse_x = True  # CSR minibatches: the statistics work on the non-zeros
         kwargs = {}
         if inner.num_workers > 0 and "fork" in mp.get_all_start_methods():
             # processes started by spawn (ddp_spawn ranks) default to spawning their DataLoader

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cellsight.data.sparse import csr_row_index, is_csr
 from cellsight.stats.base import StreamingModel, all_reduce_sum, broadcast_from_zero, world_info
 from cellsight.stats.mean_var import MomentSums, combine_moments
 
@@ -156,6 +157,9 @@ class HVGSeuratV3(StreamingModel):
         batch_n = self.batch_codes(
             batch_index_n if self.use_batch_key else None, x_ng.shape[0], self.n_batch_eff
         )
+        if is_csr(x_ng):
+            self._update_sparse(x_ng, batch_n)
+            return {}
         x_ng = x_ng.to(torch.float64)
         if self._epoch == 0:
             self.moments.update(x_ng, batch_n)
@@ -164,6 +168,23 @@ class HVGSeuratV3(StreamingModel):
             self.clip_sums_bg.index_add_(0, batch_n, clipped_ng)
             self.clip_squared_sums_bg.index_add_(0, batch_n, clipped_ng * clipped_ng)
         return {}
+
+    @property
+    def accepts_sparse(self) -> bool:
+        """Counts are sparse; both passes only need the non-zeros (the clip values are >= 0)."""
+        return True
+
+    def _update_sparse(self, x_ng: torch.Tensor, batch_n: torch.Tensor) -> None:
+        if self._epoch == 0:
+            self.moments.update(x_ng, batch_n)
+            return
+        g = self.n_vars
+        rows = batch_n[csr_row_index(x_ng)]
+        flat = rows * g + x_ng.col_indices()
+        values = x_ng.values().to(torch.float64)
+        clipped = torch.minimum(values, self.clip_val_bg.reshape(-1)[flat])
+        self.clip_sums_bg.view(-1).index_add_(0, flat, clipped)
+        self.clip_squared_sums_bg.view(-1).index_add_(0, flat, clipped * clipped)
 
     def on_train_epoch_end(self, trainer) -> None:
         if self._epoch == 0:

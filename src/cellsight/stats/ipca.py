@@ -34,6 +34,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from cellsight.data.sparse import csr_to_scipy, is_csr
 from cellsight.stats.base import StreamingModel, all_gather_stack, all_reduce_sum, world_info
 from cellsight.stats.mean_var import combine_moments
 
@@ -69,6 +70,13 @@ def truncated_svd(
     b_pg = basis_mp.T @ a_mg
     _, s, vh = torch.linalg.svd(b_pg, full_matrices=False)
     return s[:q], vh[:q]
+
+
+def _csr(x_ng: torch.Tensor) -> sp.csr_matrix:
+    """A CPU tensor (dense or CSR) as a SciPy CSR matrix."""
+    if is_csr(x_ng):
+        return csr_to_scipy(x_ng)
+    return csr_to_scipy(x_ng.contiguous().to_sparse_csr())
 
 
 def _flip_signs(v_kg: torch.Tensor) -> torch.Tensor:
@@ -138,6 +146,9 @@ class IncrementalPCA(StreamingModel):
         self.register_buffer("gram_gg", torch.zeros((g, g) if gram else (0, 0), dtype=f64))
         self.register_buffer("gram_sums_g", torch.zeros(g if gram else 0, dtype=f64))
         self.register_buffer("gram_shift_g", torch.zeros(g if gram else 0, dtype=f64))
+        # sums and count of the sparse minibatches whose raw X^T X is in gram_gg (not shifted)
+        self.register_buffer("gram_raw_sums_g", torch.zeros(g if gram else 0, dtype=f64))
+        self.register_buffer("gram_raw_n", torch.zeros((), dtype=f64))
         self.register_buffer("S_q", torch.zeros(q, dtype=f64))
         self.register_buffer("V_qg", torch.zeros(q, g, dtype=f64))
         self.register_buffer("x_mean_g", torch.zeros(g, dtype=f64))
@@ -148,39 +159,104 @@ class IncrementalPCA(StreamingModel):
 
     def reset_parameters(self) -> None:
         for buf in (self.S_q, self.V_qg, self.x_mean_g, self.x_m2_g, self.x_size, self.n_updates,
-                    self.gram_gg, self.gram_sums_g, self.gram_shift_g, self.finished_at):
+                    self.gram_gg, self.gram_sums_g, self.gram_shift_g, self.finished_at,
+                    self.gram_raw_sums_g, self.gram_raw_n):
             buf.zero_()
 
     # ----------------------------------------------------------------- exact (gram) path
+    @property
+    def accepts_sparse(self) -> bool:
+        """The exact (gram) path takes CSR minibatches: ``X^T X`` costs ~ non-zeros x genes."""
+        return self.algorithm == "gram"
+
     def _gram_update(self, x_ng: torch.Tensor) -> None:
         n = x_ng.shape[0]
+        if is_csr(x_ng):
+            x_sp = _csr(x_ng)
+            if self.perform_mean_correction and float(self.x_size) == 0:
+                self.gram_shift_g.copy_(torch.from_numpy(np.asarray(x_sp.mean(0)).ravel()))
+            nnz_g = torch.from_numpy(np.bincount(x_sp.indices, minlength=self.n_vars))
+            if bool((nnz_g == n).any()):  # a gene without zeros: shift it exactly
+                self._gram_update_sparse(x_ng.to_dense(), nnz_g, self.gram_shift_g)
+            else:
+                self._gram_add_expanded(x_sp)
+            self.x_size += n
+            return
         if self.perform_mean_correction and float(self.x_size) == 0:
             self.gram_shift_g.copy_(x_ng.mean(0))
         c_g = self.gram_shift_g
         nnz_g = (x_ng != 0).sum(0)
-        sparse = (
-            x_ng.device.type == "cpu"
-            and int(nnz_g.sum()) < SPARSE_DENSITY * x_ng.numel()
-            and int(nnz_g.max()) < n / 2
-        )
-        if sparse:
-            # sparse minibatch (counts, log counts): X^T X costs nnz * g instead of n * g^2.
-            # Expanding (x - c)^T (x - c) loses no precision when every gene is zero in most
-            # cells, since such a gene's mean^2 is below its variance
-            x_sp = sp.csr_matrix(x_ng.numpy())
-            xtx_gg = torch.from_numpy((x_sp.T @ x_sp).toarray())
-            s_g = x_ng.sum(0)
-            self.gram_gg += xtx_gg - torch.outer(c_g, s_g) - torch.outer(s_g, c_g)
-            self.gram_gg += n * torch.outer(c_g, c_g)
-            self.gram_sums_g += s_g - n * c_g
+        if x_ng.device.type == "cpu" and int(nnz_g.sum()) < SPARSE_DENSITY * x_ng.numel():
+            self._gram_update_sparse(x_ng, nnz_g, c_g)
         else:
             xs_ng = x_ng - c_g
             self.gram_gg.addmm_(xs_ng.T, xs_ng)
             self.gram_sums_g += xs_ng.sum(0)
         self.x_size += n
 
+    def _gram_update_sparse(
+        self, x_ng: torch.Tensor, nnz_g: torch.Tensor, c_g: torch.Tensor
+    ) -> None:
+        """``(x - c)^T (x - c)`` of a sparse minibatch in ``O(nnz * g)`` instead of ``n g^2``.
+
+        For a gene with at least one zero the shift ``c`` is expanded analytically,
+        ``X^T X - c s^T - s c^T + n c c^T``: a gene non-zero in a fraction ``p < 1`` of the
+        cells has ``mean^2 / variance <= p / (1 - p) < n``, so the expansion costs at most
+        ``log10(n)`` of float64's 16 digits. Genes without a zero (where a large offset over a
+        small spread would lose precision: mean 100, std 0.1) are shifted exactly, in a small
+        dense block of their own.
+        """
+        n = x_ng.shape[0]
+        dense_g = nnz_g == n
+        s_g = x_ng.sum(0)
+        if not bool(dense_g.any()):
+            self._gram_add_expanded(_csr(x_ng))
+            return
+        d_idx = torch.nonzero(dense_g).flatten()
+        s_idx = torch.nonzero(~dense_g).flatten()
+        # sparse-gene columns: shift expanded, products from a CSR matrix
+        x_s = _csr(x_ng[:, s_idx])
+        c_s, sum_s = c_g[s_idx], s_g[s_idx]
+        ss = torch.from_numpy((x_s.T @ x_s).toarray())
+        ss += n * torch.outer(c_s, c_s) - torch.outer(c_s, sum_s) - torch.outer(sum_s, c_s)
+        self.gram_gg[s_idx[:, None], s_idx[None, :]] += ss
+        self.gram_sums_g[s_idx] += sum_s - n * c_s
+        if len(d_idx):
+            xd_nd = x_ng[:, d_idx] - c_g[d_idx]  # dense genes, shifted exactly
+            dd = xd_nd.T @ xd_nd
+            self.gram_gg[d_idx[:, None], d_idx[None, :]] += dd
+            # cross block: sum_n (x_s - c_s)(x_d - c_d)^T = X_s^T Xd_shifted - c_s (sum Xd_sh)^T
+            sd = torch.from_numpy(np.asarray(x_s.T @ xd_nd.numpy()))
+            sd -= torch.outer(c_s, xd_nd.sum(0))
+            self.gram_gg[s_idx[:, None], d_idx[None, :]] += sd
+            self.gram_gg[d_idx[:, None], s_idx[None, :]] += sd.T
+            self.gram_sums_g[d_idx] += xd_nd.sum(0)
+
+    def _gram_add_expanded(self, x_sp: sp.csr_matrix) -> None:
+        """Add ``(x - c)^T (x - c)`` of a CSR minibatch, the shift expanded (every gene has a
+        zero; see :meth:`_gram_update_sparse`)."""
+        n = x_sp.shape[0]
+        s_g = torch.from_numpy(np.asarray(x_sp.sum(0), dtype=np.float64).ravel())
+        # the raw products go in as they are; the shift terms of all such minibatches are
+        # added once, before the epoch-end pooling (the same sum: see _fold_raw)
+        self.gram_gg += torch.from_numpy((x_sp.T @ x_sp).toarray())
+        self.gram_raw_sums_g += s_g
+        self.gram_raw_n += n
+
+    def _fold_raw(self) -> None:
+        """Add the shift terms of the raw sparse products: ``- c s^T - s c^T + n c c^T``."""
+        n = self.gram_raw_n
+        if float(n) == 0:
+            return
+        c_g, s_g = self.gram_shift_g, self.gram_raw_sums_g
+        self.gram_gg += n * torch.outer(c_g, c_g) - torch.outer(c_g, s_g) - torch.outer(s_g, c_g)
+        self.gram_sums_g += s_g - n * c_g
+        self.gram_raw_sums_g.zero_()
+        self.gram_raw_n.zero_()
+
     def _gram_finish(self) -> None:
         """Pool ranks (Chan's correction for their shifts) and take the top eigenpairs."""
+        self._fold_raw()
         n_r = all_gather_stack(self.x_size.reshape(1))[:, 0]
         sums_rg = all_gather_stack(self.gram_sums_g)
         shift_rg = all_gather_stack(self.gram_shift_g)
@@ -267,10 +343,13 @@ class IncrementalPCA(StreamingModel):
     ) -> dict[str, torch.Tensor | None]:
         """Fold one minibatch into the partial SVD."""
         self.check_input(x_ng, var_names_g)
-        x_ng = x_ng.to(torch.float64)
         n = x_ng.shape[0]
         if n == 0:
             return {}
+        if is_csr(x_ng) and self.algorithm != "gram":
+            x_ng = x_ng.to_dense()
+        if not is_csr(x_ng):
+            x_ng = x_ng.to(torch.float64)
         if self.algorithm == "gram":
             self._gram_update(x_ng)
             self.n_updates += 1

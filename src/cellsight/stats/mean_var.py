@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cellsight.data.sparse import csr_row_index, is_csr
 from cellsight.stats.base import StreamingModel, all_gather_stack, all_reduce_sum, world_info
 
 __all__ = ["OnePassMeanVarStd", "MomentSums", "combine_moments"]
@@ -65,7 +66,18 @@ class MomentSums(torch.nn.Module):
             buf.zero_()
 
     def update(self, x_ng: torch.Tensor, batch_n: torch.Tensor) -> None:
-        """Fold a minibatch (float64 values, long batch codes) into the sums."""
+        """Fold a minibatch (float64 values, long batch codes) into the sums.
+
+        A torch CSR minibatch is folded in from its stored values alone (see
+        :meth:`_update_sparse_shifted` for the shifted sums).
+        """
+        if is_csr(x_ng):
+            batch_n = batch_n.to(x_ng.device)
+            if self.shifted:
+                self._update_sparse_shifted(x_ng, batch_n)
+            else:
+                self._update_sparse(x_ng, batch_n)
+            return
         x_ng = x_ng.to(torch.float64)
         batch_n = batch_n.to(x_ng.device)
         if self.shifted:
@@ -78,6 +90,48 @@ class MomentSums(torch.nn.Module):
         self.x_size_b.index_add_(0, batch_n, torch.ones_like(batch_n, dtype=torch.float64))
         self.x_sums_bg.index_add_(0, batch_n, x_ng)
         self.x_squared_sums_bg.index_add_(0, batch_n, x_ng * x_ng)
+
+    def _update_sparse(self, x_ng: torch.Tensor, batch_n: torch.Tensor) -> None:
+        values = x_ng.values().to(torch.float64)
+        flat = batch_n[csr_row_index(x_ng)] * self.x_sums_bg.shape[1] + x_ng.col_indices()
+        self.x_size_b.index_add_(0, batch_n, torch.ones_like(batch_n, dtype=torch.float64))
+        self.x_sums_bg.view(-1).index_add_(0, flat, values)
+        self.x_squared_sums_bg.view(-1).index_add_(0, flat, values * values)
+
+    def _update_sparse_shifted(self, x_ng: torch.Tensor, batch_n: torch.Tensor) -> None:
+        """Shifted sums of a CSR minibatch without densifying it.
+
+        Per batch, the minibatch's own mean ``m`` and squared deviations ``M2`` are computed
+        in two passes over the stored values (``M2 = sum_nz (x - m)^2 + n_zero m^2``), then
+        added as ``sum (x - c) = n (m - c)`` and ``sum (x - c)^2 = M2 + n (m - c)^2``: the same
+        sums as the dense path, as stable (no large number is squared).
+        """
+        g = self.x_sums_bg.shape[1]
+        n_b = torch.bincount(batch_n, minlength=self.x_size_b.shape[0]).to(torch.float64)
+        unseen = (self.x_size_b == 0) & (n_b > 0)
+        if bool(unseen.any()):
+            crow, cols, vals = x_ng.crow_indices(), x_ng.col_indices(), x_ng.values()
+            for b in torch.nonzero(unseen).flatten().tolist():
+                first = int(torch.nonzero(batch_n == b)[0, 0])
+                lo, hi = int(crow[first]), int(crow[first + 1])
+                row = torch.zeros(g, dtype=torch.float64)
+                row[cols[lo:hi]] = vals[lo:hi].to(torch.float64)
+                self.x_shift_bg[b] = row
+        values = x_ng.values().to(torch.float64)
+        flat = batch_n[csr_row_index(x_ng)] * g + x_ng.col_indices()
+        sums_bg = torch.zeros_like(self.x_sums_bg)
+        sums_bg.view(-1).index_add_(0, flat, values)
+        nnz_bg = torch.zeros_like(self.x_sums_bg)
+        nnz_bg.view(-1).index_add_(0, flat, torch.ones_like(values))
+        n_b1 = n_b[:, None]
+        mean_bg = sums_bg / n_b1.clamp_min(1)
+        dev = values - mean_bg.view(-1)[flat]
+        m2_bg = (n_b1 - nnz_bg) * mean_bg * mean_bg
+        m2_bg.view(-1).index_add_(0, flat, dev * dev)
+        diff_bg = torch.where(n_b1 > 0, mean_bg - self.x_shift_bg, torch.zeros_like(mean_bg))
+        self.x_size_b += n_b
+        self.x_sums_bg += n_b1 * diff_bg
+        self.x_squared_sums_bg += m2_bg + n_b1 * diff_bg * diff_bg
 
     def moments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(count_b, mean_bg, m2_bg) on this rank (NaN-free: empty batches give zeros)."""
@@ -163,6 +217,11 @@ class OnePassMeanVarStd(StreamingModel):
 
     def reset_parameters(self) -> None:
         self.sums.reset()
+
+    @property
+    def accepts_sparse(self) -> bool:
+        """Both algorithms fold CSR minibatches from their stored values."""
+        return True
 
     def forward(
         self,

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cellsight.data.sparse import csr_to_scipy, is_csr
 from cellsight.stats.base import StreamingModel, all_gather_stack, all_reduce_op, all_reduce_sum
 
 __all__ = ["TDigest", "compress_centroids", "centroid_quantiles"]
@@ -103,6 +104,36 @@ def centroid_quantiles(
     return torch.stack(out)
 
 
+def _pack_dense(x_ng: torch.Tensor):
+    """The non-zero values of each gene moved to the top rows: ``(m, g)`` values, weights 1
+    (0 for padding), and the count per gene; ``None`` when there is none."""
+    nz_ng = x_ng != 0
+    nnz_g = nz_ng.sum(0)
+    m = int(nnz_g.max()) if x_ng.shape[0] else 0
+    if m == 0:
+        return None
+    order_ng = torch.argsort((~nz_ng).to(torch.int8), dim=0, stable=True)[:m]
+    return x_ng.gather(0, order_ng), nz_ng.gather(0, order_ng).to(torch.float64), nnz_g
+
+
+def _pack_sparse(x_ng: torch.Tensor, n_vars: int):
+    """:func:`_pack_dense` of a CSR minibatch, from its stored values (same order: by cell)."""
+    csc = csr_to_scipy(x_ng).tocsc()
+    csc.eliminate_zeros()
+    csc.sort_indices()
+    nnz_g = torch.from_numpy(np.diff(csc.indptr).astype(np.int64))
+    m = int(nnz_g.max()) if csc.nnz else 0
+    if m == 0:
+        return None
+    col = np.repeat(np.arange(n_vars), np.diff(csc.indptr))
+    pos = np.arange(csc.nnz) - csc.indptr[col]
+    val_mg = torch.zeros(m, n_vars, dtype=torch.float64)
+    w_mg = torch.zeros(m, n_vars, dtype=torch.float64)
+    val_mg[pos, col] = torch.from_numpy(csc.data.astype(np.float64))
+    w_mg[pos, col] = 1.0
+    return val_mg, w_mg, nnz_g
+
+
 class TDigest(StreamingModel):
     """Approximate distribution of the non-zero values of every gene (t-digests).
 
@@ -134,6 +165,11 @@ class TDigest(StreamingModel):
         self.register_buffer("max_g", torch.full((g,), -math.inf, dtype=f64))
         self.register_buffer("count_g", torch.zeros(g, dtype=f64))
 
+    @property
+    def accepts_sparse(self) -> bool:
+        """The digests read only the non-zeros: sparse minibatches are the natural input."""
+        return True
+
     def reset_parameters(self) -> None:
         self.mean_gc.zero_()
         self.weight_gc.zero_()
@@ -149,16 +185,13 @@ class TDigest(StreamingModel):
     ) -> dict[str, torch.Tensor | None]:
         """Fold the non-zero values of one minibatch into the digests."""
         self.check_input(x_ng, var_names_g)
-        x_ng = x_ng.to(torch.float64)
-        nz_ng = x_ng != 0
-        nnz_g = nz_ng.sum(0)
-        m = int(nnz_g.max()) if x_ng.shape[0] else 0
-        if m == 0:
+        if is_csr(x_ng):
+            packed = _pack_sparse(x_ng, self.n_vars)
+        else:
+            packed = _pack_dense(x_ng.to(torch.float64))
+        if packed is None:
             return {}
-        # the non-zero values of each gene moved to the top rows: (m, g), padded with weight 0
-        order_ng = torch.argsort((~nz_ng).to(torch.int8), dim=0, stable=True)[:m]
-        val_mg = x_ng.gather(0, order_ng)
-        w_mg = nz_ng.gather(0, order_ng).to(torch.float64)
+        val_mg, w_mg, nnz_g = packed
         inf = torch.full_like(val_mg, math.inf)
         self.min_g = torch.minimum(self.min_g, torch.where(w_mg > 0, val_mg, inf).amin(0))
         self.max_g = torch.maximum(self.max_g, torch.where(w_mg > 0, val_mg, -inf).amax(0))

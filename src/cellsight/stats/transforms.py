@@ -4,6 +4,11 @@ Each transform is a ``torch.nn.Module`` mapping ``x_ng -> x_ng``. Transforms tha
 gene names are bound to the genes of their input with :meth:`setup_genes`, which returns the
 genes of their output (so a chain's output genes are known before any data is read).
 :class:`cellsight.stats.base.StatisticPlan` binds and applies them in order.
+
+Transforms that map zero to zero (``keeps_zeros = True``: normalise total, log1p, gene
+filter) also take a torch CSR minibatch and return one, touching only the stored values;
+:func:`apply_transforms` densifies a sparse minibatch just before the first transform that
+does not (z-score), so a chain costs work in proportion to the non-zeros as long as it can.
 """
 
 from __future__ import annotations
@@ -16,6 +21,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cellsight.data.sparse import (
+    csr_row_index,
+    csr_tensor,
+    csr_to_scipy,
+    csr_with_values,
+    is_csr,
+)
+
 __all__ = [
     "Densify", "NormalizeTotal", "Log1p", "ZScore", "Filter", "apply_transforms",
     "standard_transforms",
@@ -23,7 +36,12 @@ __all__ = [
 
 
 class GeneTransform(torch.nn.Module):
-    """A transform that keeps the genes as they are (the default :meth:`setup_genes`)."""
+    """A transform that keeps the genes as they are (the default :meth:`setup_genes`).
+
+    ``keeps_zeros``: the transform maps 0 to 0 and accepts (and returns) torch CSR tensors.
+    """
+
+    keeps_zeros: bool = False
 
     def setup_genes(self, var_names_g: np.ndarray) -> np.ndarray:
         """Bind to the input genes; return the output genes."""
@@ -32,6 +50,8 @@ class GeneTransform(torch.nn.Module):
 
 class Densify(GeneTransform):
     """Turn a sparse minibatch (COO/CSR tensor) into a dense one; dense input passes through."""
+
+    keeps_zeros = False  # its whole point is to leave the sparse layout
 
     def forward(self, x_ng: torch.Tensor) -> torch.Tensor:
         return x_ng.to_dense() if x_ng.layout != torch.strided else x_ng
@@ -57,16 +77,29 @@ class NormalizeTotal(GeneTransform):
         self.target_count = float(target_count)
         self.eps = float(eps)
 
+    keeps_zeros = True
+
+    def _scale(self, total_n: torch.Tensor) -> torch.Tensor:
+        total_n = total_n + self.eps
+        return self.target_count / torch.where(total_n == 0, torch.ones_like(total_n), total_n)
+
     def forward(self, x_ng: torch.Tensor) -> torch.Tensor:
-        total_n1 = x_ng.sum(dim=1, keepdim=True) + self.eps
-        total_n1 = torch.where(total_n1 == 0, torch.ones_like(total_n1), total_n1)
-        return x_ng * (self.target_count / total_n1)
+        if is_csr(x_ng):
+            rows = csr_row_index(x_ng)
+            values = x_ng.values()
+            total_n = torch.zeros(x_ng.shape[0], dtype=values.dtype).index_add_(0, rows, values)
+            return csr_with_values(x_ng, values * self._scale(total_n)[rows])
+        return x_ng * self._scale(x_ng.sum(dim=1, keepdim=True))
 
 
 class Log1p(GeneTransform):
     """``log(1 + x)`` (natural log, as scanpy's ``log1p``)."""
 
+    keeps_zeros = True
+
     def forward(self, x_ng: torch.Tensor) -> torch.Tensor:
+        if is_csr(x_ng):
+            return csr_with_values(x_ng, torch.log1p(x_ng.values()))
         return torch.log1p(x_ng)
 
 
@@ -204,11 +237,25 @@ class Filter(GeneTransform):
         self.present_g = torch.as_tensor(~absent)
         return self.filter_list.copy()
 
+    keeps_zeros = True
+
     def forward(self, x_ng: torch.Tensor) -> torch.Tensor:
         if self.index_g.numel() != len(self.filter_list):
             raise ValueError(
                 "Filter is not bound to input genes; call setup_genes(var_names) first."
             )
+        if is_csr(x_ng):
+            present = self.present_g.numpy()
+            cols = self.index_g.numpy()[present]
+            picked = csr_to_scipy(x_ng)[:, cols]
+            if not present.all():  # absent genes: empty columns at their positions
+                where = np.flatnonzero(present)
+                picked = picked.tocoo()
+                picked = picked.__class__(
+                    (picked.data, (picked.row, where[picked.col])),
+                    shape=(x_ng.shape[0], len(self.filter_list)),
+                ).tocsr()
+            return csr_tensor(picked, dtype=x_ng.values().dtype)
         out = x_ng.index_select(1, self.index_g.to(x_ng.device))
         if not bool(self.present_g.all()):
             out = out * self.present_g.to(out.device, out.dtype)
@@ -216,11 +263,19 @@ class Filter(GeneTransform):
 
 
 def apply_transforms(
-    transforms: Sequence[torch.nn.Module], x_ng: torch.Tensor
+    transforms: Sequence[torch.nn.Module], x_ng: torch.Tensor, keep_sparse: bool = False
 ) -> torch.Tensor:
-    """Apply bound transforms in order."""
+    """Apply bound transforms in order.
+
+    A CSR ``x_ng`` stays sparse through transforms with ``keeps_zeros`` and is densified
+    before the first other one; the result is dense unless ``keep_sparse``.
+    """
     for t in transforms:
+        if is_csr(x_ng) and not getattr(t, "keeps_zeros", False):
+            x_ng = x_ng.to_dense()
         x_ng = t(x_ng)
+    if is_csr(x_ng) and not keep_sparse:
+        x_ng = x_ng.to_dense()
     return x_ng
 
 
