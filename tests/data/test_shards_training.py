@@ -149,14 +149,18 @@ def test_scvi_trains_from_shards(data):
 
 
 @pytest.mark.ddp
-def test_two_process_ddp_training_splits_cells_and_trains(data, tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_two_process_ddp_training_splits_cells_and_trains(data, tmp_path, num_workers):
     """Lightning ddp_spawn (gloo): ranks detected from torch.distributed, disjoint training
-    cells padded to equal steps, validation cells exactly once, and the model trains."""
+    cells padded to equal steps, validation cells exactly once, and the model trains; also
+    with DataLoader workers, which are forked outside the process group (the loader pins the
+    rank before forking them)."""
     _, m_sh, mem, stub = _pair(data)
     before = m_sh.get_rates()
     # 239 training cells: one padded; 55 validation cells, 28 + 27: 2 and 1 uneven steps
     dm = ShardedDataModule(stub, m_sh.adata_manager, batch_size=27, train_size=0.81,
-                           block_size=8, buffer_blocks=2, return_indices=True)
+                           block_size=8, buffer_blocks=2, return_indices=True,
+                           num_workers=num_workers)
     assert (dm.n_train, dm.n_validation) == (239, 55)
     hist = m_sh.train(max_epochs=2, lr=1e-2, devices=2, accelerator="cpu", datamodule=dm,
                       callbacks=[FileRecorder(str(tmp_path))], enable_progress_bar=False)

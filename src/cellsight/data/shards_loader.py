@@ -209,6 +209,7 @@ class ShardedDataset(IterableDataset):
         self.even = bool(even)
         self.drop_singleton = bool(drop_singleton)
         self.rank, self.world_size = rank, world_size
+        self._pinned_dist: tuple[int, int] | None = None  # set per iteration by ShardedLoader
         self.return_indices = bool(return_indices)
         self.pack_sparse = False  # yield packed numpy (set by ShardedLoader for workers)
         self.sparse_x = False  # yield a sparse X as a torch CSR tensor (streaming statistics)
@@ -218,9 +219,16 @@ class ShardedDataset(IterableDataset):
 
     # ------------------------------------------------------------------ plan
     def dist(self) -> tuple[int, int]:
-        """(rank, world size) used to split the cells."""
+        """(rank, world size) used to split the cells.
+
+        Given ones first; else the ones the loader pinned in the rank's own process when it
+        started iterating (DataLoader workers are forked children outside the process group,
+        where ``torch.distributed`` reports ``(0, 1)``); else ``torch.distributed``'s.
+        """
         if self.rank is not None:
             return int(self.rank), int(self.world_size)
+        if self._pinned_dist is not None:
+            return self._pinned_dist
         return dist_info()
 
     def _rank_cells(self) -> tuple[np.ndarray, np.ndarray]:
@@ -372,6 +380,9 @@ class ShardedLoader(DataLoader):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         ds, resume, self._resume = self.dataset, self._resume, None
         ds.skip, ds.n_streams = 0, max(1, self.num_workers)
+        # fix the rank here, in the rank's process, before workers are forked from it
+        ds._pinned_dist = None
+        ds._pinned_dist = ds.dist()
         # resume only inside the saved epoch: a state saved at an epoch's end (all minibatches
         # served) or an epoch moved on by set_epoch starts a fresh epoch
         if resume is not None and int(resume["epoch"]) == ds.epoch:
