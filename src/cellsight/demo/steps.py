@@ -6,13 +6,14 @@ To add a step: write ``cellsight/demo/<name>.py`` defining ``STEP = DemoStep(nam
 
 from __future__ import annotations
 
-from cellsight.demo import scvi
+from cellsight.demo import fadvi, scvi
 from cellsight.demo.core import DemoStep
 
 __all__ = ["STEPS", "step_names"]
 
 STEPS: list[DemoStep] = [
     scvi.STEP,
+    fadvi.STEP,
     # later steps (causal triggers, FADVI, ...) go here, in the order they should run
 ]
 

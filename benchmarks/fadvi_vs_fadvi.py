@@ -1,0 +1,238 @@
+"""FADVI in cellsight vs the ``fadvi`` package (the peer): same data, sizes and epochs.
+
+Data: the bundled PBMC 68k counts (700 cells x 765 genes, 10 cell types in ``bulk_labels``)
+split at random into two batches with a per-gene log-normal batch effect (sigma 0.5) and a
+per-batch depth factor, resampled as Poisson counts
+(:func:`cellsight.models.fadvi.data.pbmc_with_batches`). 20% of the labels (stratified) are
+hidden as ``"Unknown"``; every score below is computed on those hidden cells only.
+
+Both models use the seed's defaults (30/30/10 latents, 2 layers, 128 hidden, ZINB, lambda 50,
+alpha 1, gamma 1), batch size 128, 90% train / 10% validation validated every epoch, the same
+number of epochs, one torch thread each. The peer runs in its own virtualenv
+(``../shared/tools/peer-venv fadvi``) in a subprocess; its latents and predictions come back
+as arrays and are scored here with the same functions as ours.
+
+Printed, one line per metric:
+
+* median seconds per training epoch of each (wall clock and process CPU time) and the ratio
+  cellsight / fadvi (goal <= 0.3);
+* on hidden cells: kNN accuracy from ``z_l`` (fitted on the labelled cells) and ``predict``
+  accuracy of each (goal: ours >= peer), and scVI's kNN accuracy (cellsight's SCVI) for
+  reference;
+* scib-style totals (:func:`cellsight.models.fadvi.metrics.integration_scores`) of ``z_l`` on
+  the hidden cells (goal: ours >= peer);
+* batch predictability from ``z_b``, ``z_l``, ``z_r`` (logistic regression, 5-fold);
+* agreement of two identical ``predict`` calls (ours is deterministic by default).
+
+Exits 0 whatever the numbers; a missing peer is reported as skipped.
+
+Usage: ``python benchmarks/fadvi_vs_fadvi.py [--epochs 100] [--seed 0]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import warnings
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+GOAL_RATIO = 0.3
+PEER_TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tools", "peer-venv")
+
+PEER_SCRIPT = textwrap.dedent(
+    """
+    import json, logging, sys, time, warnings
+    warnings.filterwarnings("ignore")
+    import numpy as np, torch
+    torch.set_num_threads(1)
+    import anndata, scvi
+    import lightning.pytorch as pl
+    from fadvi import FADVI
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("scvi").setLevel(logging.ERROR)
+    path, out, epochs, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+
+    class EpochTimer(pl.Callback):
+        def __init__(self):
+            self.wall, self.cpu = [], []
+        def on_train_epoch_start(self, trainer, pl_module):
+            self._t = (time.perf_counter(), time.process_time())
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.wall.append(time.perf_counter() - self._t[0])
+            self.cpu.append(time.process_time() - self._t[1])
+
+    scvi.settings.seed = seed
+    adata = anndata.read_h5ad(path)
+    FADVI.setup_anndata(adata, batch_key="batch", labels_key="labels_observed",
+                        unlabeled_category="Unknown")
+    model = FADVI(adata)
+    timer = EpochTimer()
+    model.train(max_epochs=epochs, batch_size=128, accelerator="cpu", devices=1,
+                check_val_every_n_epoch=1, enable_progress_bar=False, callbacks=[timer])
+    latents = {r: model.get_latent_representation(representation=r) for r in ("b", "l", "r")}
+    pred1 = np.asarray(model.predict(), dtype=str)
+    pred2 = np.asarray(model.predict(), dtype=str)
+    np.savez(out, pred1=pred1, pred2=pred2, wall=timer.wall, cpu=timer.cpu, **latents)
+    """
+)
+
+
+class EpochTimer(pl.Callback):
+    """Wall and process-CPU seconds of each training epoch (validation included)."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t = (time.perf_counter(), time.process_time())
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.wall.append(time.perf_counter() - self._t[0])
+        self.cpu.append(time.process_time() - self._t[1])
+
+
+def peer_python() -> str | None:
+    try:
+        res = subprocess.run([PEER_TOOL, "fadvi"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as err:
+        print(f"fadvi: peer skipped (peer-venv failed: {err})")
+        return None
+    return res.stdout.strip().splitlines()[-1]
+
+
+def run_peer(python: str, path: str, epochs: int, seed: int) -> dict | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        script, out = os.path.join(tmp, "peer.py"), os.path.join(tmp, "peer.npz")
+        with open(script, "w") as fh:
+            fh.write(PEER_SCRIPT)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        res = subprocess.run([python, script, path, out, str(epochs), str(seed)],
+                             capture_output=True, text=True, env=env)
+        if res.returncode != 0:
+            print(f"fadvi: peer skipped (it failed: {res.stderr.strip().splitlines()[-1:]})")
+            return None
+        with np.load(out) as data:
+            return {k: data[k] for k in data.files}
+
+
+def train_ours(adata, epochs: int, seed: int) -> dict:
+    from cellsight.models import FADVI
+
+    adata = adata.copy()
+    FADVI.setup_anndata(adata, batch_key="batch", labels_key="labels_observed")
+    model = FADVI(adata, seed=seed)
+    timer = EpochTimer()
+    model.train(max_epochs=epochs, batch_size=128, enable_progress_bar=False, callbacks=[timer])
+    out = {r: model.get_latent_representation(representation=r) for r in ("b", "l", "r")}
+    out["pred1"] = np.asarray(model.predict(), dtype=str)
+    out["pred2"] = np.asarray(model.predict(), dtype=str)
+    out["wall"], out["cpu"] = timer.wall, timer.cpu
+    return out
+
+
+def scvi_knn(adata, hidden, epochs: int, seed: int) -> float:
+    from cellsight.models import SCVI
+    from cellsight.models.fadvi.metrics import knn_transfer_accuracy
+
+    adata = adata.copy()
+    SCVI.setup_anndata(adata, batch_key="batch")
+    model = SCVI(adata, seed=seed)
+    model.train(max_epochs=epochs, batch_size=128, enable_progress_bar=False)
+    z = model.get_latent_representation()
+    return knn_transfer_accuracy(z, adata.obs["bulk_labels"], hidden)
+
+
+def scores(res: dict, adata, hidden) -> dict:
+    from cellsight.models.fadvi.metrics import (
+        integration_scores,
+        knn_transfer_accuracy,
+        latent_predictability,
+    )
+
+    truth = adata.obs["bulk_labels"].astype(str).to_numpy()
+    batch = adata.obs["batch"].astype(str).to_numpy()
+    out = {
+        "knn": knn_transfer_accuracy(res["l"], truth, hidden),
+        "predict": float((res["pred1"][hidden] == truth[hidden]).mean()),
+        "agreement": float((res["pred1"] == res["pred2"]).mean()),
+        "scib": integration_scores(res["l"][hidden], batch[hidden], truth[hidden]),
+    }
+    for r in ("b", "l", "r"):
+        out[f"batch_{r}"] = latent_predictability(res[r], batch)["accuracy"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "scvi"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    torch.set_num_threads(1)
+    from cellsight.models.fadvi.data import pbmc_with_batches
+
+    adata, hidden = pbmc_with_batches(seed=args.seed)
+    label = f"pbmc68k {adata.n_obs}x{adata.n_vars}, 2 simulated batches, {args.epochs} epochs"
+    ours = train_ours(adata, args.epochs, args.seed)
+    s_ours = scores(ours, adata, hidden)
+    s_scvi = scvi_knn(adata, hidden, args.epochs, args.seed)
+    python = peer_python()
+    peer = None
+    if python is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "data.h5ad")
+            adata.write_h5ad(path)
+            peer = run_peer(python, path, args.epochs, args.seed)
+    s_peer = None if peer is None else scores(peer, adata, hidden)
+    n_hidden = int(hidden.sum())
+    if peer is not None:
+        for kind in ("wall", "cpu"):
+            a = statistics.median(ours[kind][1:])
+            b = statistics.median(list(peer[kind])[1:])
+            print(f"fadvi epoch seconds ({kind}, {label}): cellsight {a:.3f}, fadvi {b:.3f}, "
+                  f"ratio {a / b:.2f} (goal <= {GOAL_RATIO})")
+    else:
+        a = statistics.median(ours["wall"][1:])
+        print(f"fadvi epoch seconds (wall, {label}): cellsight {a:.3f}, fadvi skipped")
+
+    def line(name: str, ours_v: float, peer_v: float | None, goal: str) -> None:
+        peer_s = "skipped" if peer_v is None else f"{peer_v:.3f}"
+        print(f"fadvi {name} ({n_hidden} hidden-label cells): cellsight {ours_v:.3f}, "
+              f"fadvi {peer_s} ({goal})")
+
+    line("kNN accuracy from z_l", s_ours["knn"], s_peer and s_peer["knn"],
+         f"goal: >= fadvi and >= scVI's {s_scvi:.3f}")
+    line("predict accuracy", s_ours["predict"], s_peer and s_peer["predict"], "goal: >= fadvi")
+    for key in ("total", "bio_conservation", "batch_correction"):
+        line(f"scib {key} of z_l", s_ours["scib"][key],
+             s_peer and s_peer["scib"][key], "goal: >= fadvi" if key == "total" else "info")
+    for r in ("b", "l", "r"):
+        goal = "goal: ~1" if r == "b" else "goal: ~0.5, chance"
+        line(f"batch predictability from z_{r} (all cells)", s_ours[f"batch_{r}"],
+             s_peer and s_peer[f"batch_{r}"], goal)
+    line("agreement of two predict calls (all cells)", s_ours["agreement"],
+         s_peer and s_peer["agreement"], "goal: 1")
+    print("fadvi scib details: " + json.dumps({
+        "cellsight": {k: round(float(v), 3) for k, v in s_ours["scib"].items()},
+        "fadvi": None if s_peer is None else {
+            k: round(float(v), 3) for k, v in s_peer["scib"].items()},
+    }))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
