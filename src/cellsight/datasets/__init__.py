@@ -18,6 +18,7 @@ loader                     cells x genes   content
 """
 
 from cellsight.datasets._files import data_path
+from cellsight.datasets.causal import simulate_causal_cascade
 from cellsight.datasets.mouse import mouse_10k, visium_mouse_brain
 from cellsight.datasets.ontology import cell_ontology
 from cellsight.datasets.pbmc import pbmc3k, pbmc68k_reduced, pbmc_cite
@@ -34,4 +35,5 @@ __all__ = [
     "wu2020",
     "cell_ontology",
     "simulate_counts",
+    "simulate_causal_cascade",
 ]

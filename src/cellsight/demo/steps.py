@@ -6,7 +6,7 @@ To add a step: write ``cellsight/demo/<name>.py`` defining ``STEP = DemoStep(nam
 
 from __future__ import annotations
 
-from cellsight.demo import fadvi, scvi
+from cellsight.demo import cautrigger, fadvi, scvi
 from cellsight.demo.core import DemoStep
 
 __all__ = ["STEPS", "step_names"]
@@ -14,6 +14,7 @@ __all__ = ["STEPS", "step_names"]
 STEPS: list[DemoStep] = [
     scvi.STEP,
     fadvi.STEP,
+    cautrigger.STEP,
     # later steps (causal triggers, FADVI, ...) go here, in the order they should run
 ]
 
