@@ -7,6 +7,7 @@ import importlib.metadata
 import anndata
 import matplotlib.image
 import numpy as np
+import pandas as pd
 import pytest
 
 from cellsight.cli import build_parser, main
@@ -66,3 +67,19 @@ def test_demo_quick_writes_latent_figure_and_report(tmp_path):
     assert 0 < train < 1e5 and 0 < val < 1e5
     acc_row = next(line for line in report.splitlines() if line.startswith("| scVI latent"))
     assert 0.0 <= float(acc_row.strip("|").split("|")[1]) <= 1.0
+
+    # FADVI step: integrated latents, gene table with q-values, figure
+    fadvi = anndata.read_h5ad(out / "fadvi_latent.h5ad")
+    for key in ("X_fadvi_b", "X_fadvi_l", "X_fadvi_r"):
+        assert fadvi.obsm[key].shape[0] == fadvi.n_obs and np.isfinite(fadvi.obsm[key]).all()
+    genes = pd.read_csv(out / "fadvi_top_genes.csv")
+    assert {"group", "feature", "qvalue"} <= set(genes.columns)
+    assert ((genes["qvalue"] >= 0) & (genes["qvalue"] <= 1)).all()
+    assert "FADVI: batch / label / residual latents" in report
+
+    # CauTrigger step: AUROC of both models against the planted truth, in [0, 1]
+    assert "CauTrigger on a simulated causal cascade" in report
+    for name in ("CauTrigger1L", "CauTrigger2L"):
+        row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
+        assert 0.0 <= float(row.strip("|").split("|")[1]) <= 1.0
+    assert (out / "cautrigger_weights.png").exists()
