@@ -12,7 +12,7 @@ from scvi_helpers import count_adata
 
 from cellsight.models import FADVI
 from cellsight.models.fadvi import cross_correlation_penalty
-from cellsight.models.fadvi.data import add_batch_effect, hide_labels
+from cellsight.models.fadvi.data import hide_labels
 from cellsight.models.fadvi.metrics import (
     cross_correlation,
     integration_scores,
@@ -92,6 +92,57 @@ def test_parallel_heads_equal_independent_classifiers():
         torch.testing.assert_close(heads.forward_one(g, x), together[g])
     together[0].sum().backward()  # the second head and the zero padding get no gradient
     assert not heads.weights[0].grad[1].any() and not heads.weights[0].grad[0, 3:].any()
+
+
+def test_fast_dropout_drops_at_the_given_rate_and_keeps_the_mean():
+    from cellsight.models.fadvi.heads import FastDropout, fast_dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(400, 500)  # 200k units: the sd of the kept fraction is 7e-4
+    y = fast_dropout(x, 0.1)
+    kept = (y > 0).float().mean().item()
+    assert abs(kept - 0.9) < 0.003  # 4 standard deviations
+    torch.testing.assert_close(y[y > 0], torch.full_like(y[y > 0], 32768 / (32768 - 3277)))
+    assert abs(y.mean().item() - 1.0) < 0.004  # inverted dropout: E[y] = x
+    torch.manual_seed(0)
+    assert torch.equal(fast_dropout(x, 0.1), y)  # seeded like any torch randomness
+    assert fast_dropout(x, 0.1, training=False) is x and fast_dropout(x, 0.0) is x
+    layer = FastDropout(0.5).eval()
+    assert layer(x) is x
+    with pytest.raises(ValueError, match="< 1"):
+        fast_dropout(x, 1.0)
+
+
+def test_fused_encoder_pass_equals_the_three_scvi_encoders():
+    model = small_model()
+    module = model.module.eval()
+    assert module.fused_encoders
+    tensors = one_batch(model)
+    x_in = torch.log1p(tensors[K.X_KEY])
+    fused = module._encode_fused(x_in)
+    for (loc, scale), enc in zip(fused, (module.encoder_b, module.encoder_l, module.encoder_r)):
+        q = enc(x_in)[0]  # scvi.nn.Encoder's own forward: (Normal, sample)
+        torch.testing.assert_close(loc, q.loc)
+        torch.testing.assert_close(scale, q.scale)
+    inf = module.inference(**module._get_inference_input(tensors), use_latent_mean=True)
+    for name in ("b", "l", "r"):  # and what attributions use (one encoder alone)
+        torch.testing.assert_close(inf[f"z_{name}"], module.encode_mean(tensors, name))
+
+
+def test_loss_terms_equal_torch_kl_and_the_pairwise_correlation_penalty():
+    from torch.distributions import Normal, kl_divergence
+
+    model = small_model()
+    module = model.module.eval()
+    tensors = one_batch(model)
+    inf = module.inference(**module._get_inference_input(tensors))
+    out = module.loss(tensors, inf, module.generative(**module._get_generative_input(tensors, inf)))
+    for name in ("b", "l", "r"):
+        q = inf[f"qz_{name}"]
+        ref = kl_divergence(q, Normal(torch.zeros_like(q.loc), torch.ones_like(q.scale))).sum(-1)
+        torch.testing.assert_close(out.kl_local[f"kl_divergence_z_{name}"], ref)
+    ref = cross_correlation_penalty(inf["qz_b"].loc, inf["qz_l"].loc, inf["qz_r"].loc)
+    torch.testing.assert_close(out.extra_metrics["cross_correlation"], ref)
 
 
 # ---------------------------------------------------------------- module behaviour
@@ -268,18 +319,14 @@ def test_bad_method_arguments_are_rejected():
 
 
 # ---------------------------------------------------------------- data and metrics
-def test_add_batch_effect_plants_per_gene_effects_and_keeps_counts():
+def test_hide_labels_hides_a_stratified_fraction():
     adata = count_adata(n_cells=400, n_genes=20, n_batch=1, seed=0)
-    out = add_batch_effect(adata, sigma=0.7, seed=1)
-    x = out.X.toarray()
-    assert np.array_equal(x, np.round(x)) and (x.sum(1) > 0).all()
-    b = out.obs["batch"].to_numpy() == "batch1"
-    ratio_g = (x[b].mean(0) / b.mean()) / (x[~b].mean(0) / (~b).mean())
-    effect = out.varm["batch_effect"]
-    planted = effect[:, 1] * out.uns["batch_depth"][1] / (effect[:, 0] * out.uns["batch_depth"][0])
-    assert np.corrcoef(np.log(ratio_g), np.log(planted))[0, 1] > 0.8
     labels, hidden = hide_labels(adata.obs["label"], 0.25, seed=0)
     assert abs(hidden.mean() - 0.25) < 0.03 and (labels[hidden] == "Unknown").all()
+    truth = adata.obs["label"].astype(str).to_numpy()
+    for cls in np.unique(truth):  # every class keeps labelled cells and loses some
+        in_cls = truth == cls
+        assert 0 < hidden[in_cls].sum() < in_cls.sum()
 
 
 def test_predictability_is_one_on_separable_data_and_chance_on_noise():

@@ -14,10 +14,12 @@ loader                     cells x genes   content
 ``wu2020()``               200 x 30727     raw counts, T-cell states, patients, TCR
 ``cell_ontology()``        3596 terms      Cell Ontology labels and ancestors (dict)
 ``simulate_counts(...)``   any             NB counts, cell types, markers, batch effects
+``simulate_batch_effect``  as input        real counts split into batches, planted effects
 =========================  ==============  ==============================================
 """
 
 from cellsight.datasets._files import data_path
+from cellsight.datasets.batch_effect import simulate_batch_effect
 from cellsight.datasets.causal import simulate_causal_cascade
 from cellsight.datasets.mouse import mouse_10k, visium_mouse_brain
 from cellsight.datasets.ontology import cell_ontology
@@ -35,5 +37,6 @@ __all__ = [
     "wu2020",
     "cell_ontology",
     "simulate_counts",
+    "simulate_batch_effect",
     "simulate_causal_cascade",
 ]

@@ -1,74 +1,15 @@
-"""Evaluation data for FADVI: a batch effect planted into real counts, hidden-label splits."""
+"""Evaluation data for FADVI: hidden-label splits of real counts with a planted batch effect.
+
+The batch-effect simulator itself is :func:`cellsight.datasets.simulate_batch_effect`.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from anndata import AnnData
 
-__all__ = ["add_batch_effect", "hide_labels", "pbmc_with_batches"]
-
-
-def add_batch_effect(
-    adata: AnnData,
-    n_batches: int = 2,
-    sigma: float = 0.5,
-    depth_sigma: float = 0.3,
-    batch_key: str = "batch",
-    seed: int = 0,
-) -> AnnData:
-    """A copy of ``adata`` with its cells split into batches that differ per gene and in depth.
-
-    Each cell is assigned a batch uniformly at random. Batch ``b`` has a per-gene multiplicative
-    effect ``e_bg ~ LogNormal(0, sigma)`` and a sequencing depth factor
-    ``d_b ~ LogNormal(0, depth_sigma)``; the new counts are drawn as
-    ``Poisson(x_ng * e_bg * d_b)`` from the original counts ``x_ng``, so the batches differ
-    the way real platforms and protocols do (gene-specific capture efficiency, depth), and the
-    counts stay counts. A cell whose counts all vanish gets one count in its largest gene.
-
-    Parameters
-    ----------
-    adata
-        Cells x genes with integer counts in ``X`` (not modified).
-    n_batches
-        Number of batches.
-    sigma
-        Log-scale standard deviation of the per-gene effects (0.5: a typical gene differs by a
-        factor ``exp(0.5 * sqrt(2)) ~ 2`` between two batches).
-    depth_sigma
-        Log-scale standard deviation of the per-batch depth factors.
-    batch_key
-        ``obs`` column written with the batch names (``"batch0"``, ``"batch1"`` ...).
-    seed
-        Seeds the assignment, the effects and the resampling.
-
-    Returns
-    -------
-    New AnnData (CSR float32 counts); the effects are in ``varm["batch_effect"]`` (genes x
-    batches) and the depth factors in ``uns["batch_depth"]``.
-    """
-    if n_batches < 1 or sigma < 0 or depth_sigma < 0:
-        raise ValueError("n_batches must be >= 1 and sigma, depth_sigma >= 0.")
-    rng = np.random.default_rng(seed)
-    x = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
-    if (x < 0).any() or not np.allclose(x, np.round(x)):
-        raise ValueError("adata.X must hold non-negative integer counts to resample them.")
-    batch_n = rng.integers(0, n_batches, adata.n_obs)
-    effect_bg = rng.lognormal(0.0, sigma, (n_batches, adata.n_vars))
-    depth_b = rng.lognormal(0.0, depth_sigma, n_batches)
-    rate_ng = x * effect_bg[batch_n] * depth_b[batch_n, None]
-    counts_ng = rng.poisson(rate_ng).astype(np.float32)
-    empty = np.flatnonzero(counts_ng.sum(1) == 0)
-    counts_ng[empty, x[empty].argmax(1)] = 1.0
-    out = AnnData(
-        X=sp.csr_matrix(counts_ng), obs=adata.obs.copy(), var=adata.var.copy(),
-    )
-    names = [f"batch{b}" for b in range(n_batches)]
-    out.obs[batch_key] = pd.Categorical(np.asarray(names)[batch_n], categories=names)
-    out.varm["batch_effect"] = effect_bg.T.copy()
-    out.uns["batch_depth"] = depth_b
-    return out
+__all__ = ["hide_labels", "pbmc_with_batches"]
 
 
 def hide_labels(
@@ -107,16 +48,17 @@ def pbmc_with_batches(
     fraction_hidden: float = 0.2, sigma: float = 0.5, seed: int = 0
 ) -> tuple[AnnData, np.ndarray]:
     """The bundled PBMC 68k counts (700 cells, 765 genes) in two simulated batches with
-    ``fraction_hidden`` of the ``bulk_labels`` hidden in ``obs["labels_observed"]``.
+    ``fraction_hidden`` of the ``bulk_labels`` hidden in ``obs["labels_observed"]``
+    (:func:`cellsight.datasets.simulate_batch_effect` with ``sigma``, then :func:`hide_labels`).
 
     Returns
     -------
     The AnnData (``obs["batch"]``, ``obs["bulk_labels"]`` true labels, ``obs["labels_observed"]``
     with ``"Unknown"`` for hidden cells) and the mask of hidden cells.
     """
-    from cellsight.datasets import pbmc68k_reduced
+    from cellsight.datasets import pbmc68k_reduced, simulate_batch_effect
 
-    adata = add_batch_effect(pbmc68k_reduced(), sigma=sigma, seed=seed)
+    adata = simulate_batch_effect(pbmc68k_reduced(), sigma=sigma, seed=seed)
     observed, hidden = hide_labels(adata.obs["bulk_labels"], fraction_hidden, seed=seed)
     adata.obs["labels_observed"] = observed
     return adata, hidden

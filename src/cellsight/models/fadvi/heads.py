@@ -7,6 +7,10 @@ stacked parameters, inputs narrower than the widest are zero-padded (the padded 
 then get zero gradients and stay zero) and outputs narrower than the widest are sliced, so the
 result equals that of independent classifiers; batched matrix products and one normalisation
 call per layer replace the per-head calls, which dominate a small model's step on CPU.
+
+Dropout here (and, swapped in by the module, in FADVI's encoders) is :func:`fast_dropout`:
+torch's CPU dropout draws one 32-bit random number per unit (about 8 ns each, a tenth of a
+FADVI step); :func:`fast_dropout` cuts four 15-bit uniforms out of each 64-bit draw.
 """
 
 from __future__ import annotations
@@ -18,7 +22,55 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ParallelClassifiers"]
+__all__ = ["ParallelClassifiers", "FastDropout", "fast_dropout"]
+
+_LEVELS = 1 << 15
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Inverted dropout with a cheaper random mask than ``torch.nn.functional.dropout``.
+
+    Each unit is kept when a 15-bit uniform integer is ``>= round(p * 2**15)``, so the drop
+    probability is ``p`` rounded to a multiple of ``2**-15`` (0.1 becomes 0.100006); kept
+    units are scaled by the inverse of the exact keep probability, so ``E[output] = x``. The
+    integers are four 16-bit slices (top bit cleared) of each 64-bit number of torch's
+    generator: seeded by ``torch.manual_seed`` like any torch randomness.
+
+    Parameters
+    ----------
+    x
+        Any tensor.
+    p
+        Drop probability in ``[0, 1)``.
+    training
+        Without it (or with ``p == 0``) ``x`` is returned unchanged.
+    """
+    if not training or p <= 0.0:
+        return x
+    if not p < 1.0:
+        raise ValueError(f"dropout p={p} must be < 1.")
+    threshold = round(p * _LEVELS)
+    if threshold == 0:
+        return x
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
+    u_n = bits.view(torch.int16)[:n] & (_LEVELS - 1)
+    keep = (u_n >= threshold).view(x.shape).to(x.dtype)
+    return x * (keep * (_LEVELS / (_LEVELS - threshold)))
+
+
+class FastDropout(nn.Module):
+    """Module form of :func:`fast_dropout` (a drop-in for ``nn.Dropout``)."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fast_dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class ParallelClassifiers(nn.Module):
@@ -78,7 +130,7 @@ class ParallelClassifiers(nn.Module):
         if isinstance(norm, nn.BatchNorm1d):
             h_gnh = norm(h_gnh.transpose(0, 1).reshape(n, g * k)).reshape(n, g, k).transpose(0, 1)
         h_gnh = F.relu(self.layer_norms[layer](h_gnh))
-        return F.dropout(h_gnh, self.dropout_rate, self.training)
+        return fast_dropout(h_gnh, self.dropout_rate, self.training)
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Logits of every head: ``inputs[g]`` is ``(n, n_inputs[g])``, all with the same ``n``."""
@@ -105,6 +157,6 @@ class ParallelClassifiers(nn.Module):
                     norm.bias[cols], self.training and h.shape[0] > 1, norm.momentum, norm.eps,
                 )
             h = F.relu(self.layer_norms[layer](h))
-            h = F.dropout(h, self.dropout_rate, self.training)
+            h = fast_dropout(h, self.dropout_rate, self.training)
         out = h @ self.weights[-1][index] + self.biases[-1][index]
         return out[:, : self.n_classes[index]]

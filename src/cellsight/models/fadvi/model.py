@@ -70,6 +70,16 @@ class FADVI(PredictionMixin, InterpretMixin, BaseModel):
       0.50) the batch is predicted from ``z_l`` with accuracy 0.59-0.60 with BatchNorm
       (``fadvi``'s choice) and 0.51-0.52 with LayerNorm, which has no running statistics;
       from ``z_r`` 0.53-0.55 either way.
+    * **Less work per step, same losses.** The three encoders run as one batched pass
+      (:meth:`~cellsight.models.fadvi.module.FactorDisentanglementVAE._encode_fused`), the six
+      heads as two (:class:`~cellsight.models.fadvi.heads.ParallelClassifiers`), dropout
+      draws a cheaper mask (:func:`~cellsight.models.fadvi.heads.fast_dropout`), the label
+      losses of unlabelled cells are masked without host synchronisation, the metrics are
+      published once per epoch and Adam is fused; the validation cells are scored after the
+      last epoch (see :meth:`train`). On the bundled PBMC data (one thread, batch 128,
+      interleaved runs on one machine) a training step of the module takes 17.3-18.0 ms
+      against 20.0-21.0 ms for the first version of this class, and not scoring the
+      validation cells every epoch saves about 15 ms more per epoch of 5 steps.
     * **Adversaries by gradient reversal** (Ganin & Lempitsky 2015; one backward pass, heads
       and encoders updated together, :mod:`cellsight.nn.gradient_reversal`), optionally on a
       faster time scale (``adversary_lr_factor``). Alternating optimisation is not offered:
@@ -341,6 +351,12 @@ class FADVI(PredictionMixin, InterpretMixin, BaseModel):
 
         The KL warm-up covers the first ``kl_warmup_fraction`` of ``max_epochs`` unless
         ``kl_warmup_epochs`` was given (or ``plan_kwargs={"n_epochs_kl_warmup": ...}``).
+
+        The validation cells are scored after the last epoch only (``elbo_validation`` and
+        the other ``*_validation`` columns of the history are filled in its last row), unless
+        ``early_stopping=True`` (every epoch, as it needs) or ``check_val_every_n_epoch`` is
+        passed. Scoring them every epoch cost about a tenth of a training epoch on the bundled
+        PBMC data and changes no weight; scvi-tools (and ``fadvi``) never validate by default.
         """
         if max_epochs is None:
             max_epochs = self._default_max_epochs()
@@ -350,6 +366,8 @@ class FADVI(PredictionMixin, InterpretMixin, BaseModel):
         if int(batch_size) < 2:
             raise ValueError(f"batch_size={batch_size} must be >= 2 (BatchNorm, correlations).")
         self._warmup_epochs = self.kl_warmup_epochs_for(int(max_epochs))
+        if not kwargs.get("early_stopping", False):
+            kwargs.setdefault("check_val_every_n_epoch", int(max_epochs))
         return super().train(max_epochs=int(max_epochs), **kwargs)
 
     def _plan_kwargs(self) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from scvi.module.base import LossOutput
 from scvi.nn import Encoder
 from torch.distributions import Normal, kl_divergence
 
-from cellsight.models.fadvi.heads import ParallelClassifiers
+from cellsight.models.fadvi.heads import FastDropout, ParallelClassifiers
 from cellsight.models.scvi.module import SingleCellVariationalInference
 from cellsight.nn.gradient_reversal import grad_reverse
 from cellsight.nn.layers import norm_placement
@@ -57,19 +57,25 @@ def cross_correlation_penalty(*blocks_nk: torch.Tensor, eps: float = 1e-6) -> to
     eps
         Added to each standard deviation (a constant column then contributes 0).
     """
-    n = blocks_nk[0].shape[0]
-    if n < 2:
+    if blocks_nk[0].shape[0] < 2:
         return blocks_nk[0].new_zeros(())
-    std = []
-    for z in blocks_nk:
-        zc = z - z.mean(0, keepdim=True)
-        std.append(zc / (zc.pow(2).mean(0, keepdim=True).sqrt() + eps))
-    total = blocks_nk[0].new_zeros(())
-    for i in range(len(std)):
-        for j in range(i + 1, len(std)):
-            corr_kk = std[i].T @ std[j] / n
-            total = total + corr_kk.pow(2).sum()
-    return total
+    return _correlation_penalty_of(torch.cat(blocks_nk, -1), [z.shape[-1] for z in blocks_nk], eps)
+
+
+def _correlation_penalty_of(z_nk: torch.Tensor, widths: Sequence[int], eps: float = 1e-6):
+    """:func:`cross_correlation_penalty` of the column blocks (``widths``) of one matrix: one
+    standardisation and one ``k x k`` product, the diagonal blocks masked out (each pair
+    ``i < j`` appears twice in the full matrix, hence the half)."""
+    n = z_nk.shape[0]
+    zc = z_nk - z_nk.mean(0, keepdim=True)
+    std_nk = zc / (zc.pow(2).mean(0, keepdim=True).sqrt() + eps)
+    corr_kk = std_nk.T @ std_nk / n
+    block_k = torch.repeat_interleave(
+        torch.arange(len(widths), device=z_nk.device),
+        torch.as_tensor(list(widths), device=z_nk.device),
+    )
+    off_kk = block_k[:, None] != block_k[None, :]
+    return 0.5 * corr_kk.pow(2).masked_fill(~off_kk, 0.0).sum()
 
 
 class FactorDisentanglementVAE(SingleCellVariationalInference):
@@ -194,7 +200,7 @@ class FactorDisentanglementVAE(SingleCellVariationalInference):
         cov_cats = [self.n_batch] + self.n_cats_per_cov
 
         def encoder(n_out: int, covariates: bool, layers: int = n_layers) -> Encoder:
-            return Encoder(
+            return _with_fast_dropout(Encoder(
                 n_genes + (self.n_continuous_cov if covariates else 0),
                 n_out,
                 n_cat_list=cov_cats if covariates else None,
@@ -204,11 +210,16 @@ class FactorDisentanglementVAE(SingleCellVariationalInference):
                 use_batch_norm=enc_bn,
                 use_layer_norm=enc_ln,
                 return_dist=True,
-            )
+            ))
 
         self.encoder_b = encoder(n_latent_b, False)
         self.encoder_l = encoder(n_latent_l, self.encode_covariates)
         self.encoder_r = encoder(n_latent_r, self.encode_covariates)
+        # the fused pass (see fused_encoders) covers LayerNorm without affine parameters only
+        self._unfusable_norm = bool(enc_bn) or any(
+            isinstance(m, torch.nn.LayerNorm) and m.elementwise_affine
+            for enc in (self.encoder_b, self.encoder_l, self.encoder_r) for m in enc.modules()
+        )
         self.l_encoder = None
         if not self.use_observed_lib_size:
             if library_log_means_b is None or library_log_vars_b is None:
@@ -285,22 +296,27 @@ class FactorDisentanglementVAE(SingleCellVariationalInference):
         if self.encode_covariates and cont_covs_nc is not None:
             x_cov = torch.cat([x_in, cont_covs_nc], dim=-1)
         shape = torch.Size([]) if n_samples == 1 else torch.Size([n_samples])
+        if self.fused_encoders:
+            params = self._encode_fused(x_in)
+        else:
+            params = []
+            for name, enc in (("b", self.encoder_b), ("l", self.encoder_l),
+                              ("r", self.encoder_r)):
+                covariates = self.encode_covariates and name != "b"
+                h_nh = enc.encoder(x_cov, *cats) if covariates else enc.encoder(x_in)
+                params.append(_gaussian(enc, h_nh))
         out: dict = {}
-        locs, scales = [], []
-        for name, enc in (("b", self.encoder_b), ("l", self.encoder_l), ("r", self.encoder_r)):
-            covariates = self.encode_covariates and name != "b"
-            h_nh = enc.encoder(x_cov, *cats) if covariates else enc.encoder(x_in)
-            loc = enc.mean_encoder(h_nh)
-            scale = (enc.var_activation(enc.var_encoder(h_nh)) + enc.var_eps).sqrt()
-            q = Normal(loc, scale)
-            out[f"qz_{name}"] = q
-            out[f"z_{name}"] = loc.expand(shape + loc.shape) if use_latent_mean else q.rsample(
-                shape
-            )
-            locs.append(loc)
-            scales.append(scale)
-        out["qz"] = Normal(torch.cat(locs, -1), torch.cat(scales, -1))
-        out["z_nk"] = torch.cat([out["z_b"], out["z_l"], out["z_r"]], dim=-1)
+        for name, (loc, scale) in zip(LATENTS, params):
+            out[f"qz_{name}"] = Normal(loc, scale, validate_args=False)
+        loc_nk = torch.cat([p[0] for p in params], -1)
+        qz = Normal(loc_nk, torch.cat([p[1] for p in params], -1), validate_args=False)
+        out["qz"] = qz
+        # one draw for the three latents (they are independent given x)
+        z_nk = loc_nk.expand(shape + loc_nk.shape) if use_latent_mean else qz.rsample(shape)
+        out["z_nk"] = z_nk
+        widths = [self.n_latent_b, self.n_latent_l, self.n_latent_r]
+        for name, z in zip(LATENTS, torch.split(z_nk, widths, dim=-1)):
+            out[f"z_{name}"] = z
         if self.l_encoder is None:
             library_n1 = torch.log(x_ng.sum(dim=-1, keepdim=True))
             if n_samples > 1:
@@ -311,6 +327,7 @@ class FactorDisentanglementVAE(SingleCellVariationalInference):
             ql = Normal(
                 enc.mean_encoder(h_nh),
                 (enc.var_activation(enc.var_encoder(h_nh)) + enc.var_eps).sqrt(),
+                validate_args=False,
             )
             out["ql"] = ql
             if use_latent_mean:
@@ -319,6 +336,47 @@ class FactorDisentanglementVAE(SingleCellVariationalInference):
                 library_n1 = ql.rsample(shape)
         out["library_n1"] = library_n1
         return out
+
+    @property
+    def fused_encoders(self) -> bool:
+        """Whether :meth:`inference` runs the three encoders as one batched pass (see
+        :meth:`_encode_fused`): when none of them takes covariates or has BatchNorm (or an
+        affine LayerNorm)."""
+        return not self.encode_covariates and not self._unfusable_norm
+
+    def _encode_fused(self, x_in: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The three encoders' ``(loc, scale)`` in one pass, from their own parameters.
+
+        The first layers (same input) are one matrix product with the three weight matrices
+        stacked, the deeper hidden layers one batched product, the LayerNorm (no affine
+        parameters, per encoder and cell), ReLU and dropout one call per layer for all three:
+        the same function as three ``scvi.nn.Encoder`` calls with about a third of the kernel
+        launches (the encoders' modules and state dict are unchanged; :meth:`encode_mean` still
+        runs one encoder alone).
+        """
+        encs = (self.encoder_b, self.encoder_l, self.encoder_r)
+        stacks = [enc.encoder.fc_layers for enc in encs]
+        n = x_in.shape[0]
+        h3_gnh = None
+        for i in range(len(stacks[0])):
+            layers = [stack[i] for stack in stacks]
+            lin = [layer[0] for layer in layers]
+            if i == 0:
+                w = torch.cat([m.weight for m in lin], 0)
+                h_nf = torch.nn.functional.linear(x_in, w, torch.cat([m.bias for m in lin]))
+                h3_gnh = h_nf.view(n, 3, -1).transpose(0, 1)
+            else:
+                w_ghh = torch.stack([m.weight for m in lin]).transpose(1, 2)
+                b_g1h = torch.stack([m.bias for m in lin]).unsqueeze(1)
+                h3_gnh = torch.baddbmm(b_g1h, h3_gnh, w_ghh)
+            norm = layers[0][2]
+            if norm is not None:
+                h3_gnh = torch.nn.functional.layer_norm(h3_gnh, norm.normalized_shape,
+                                                        eps=norm.eps)
+            h3_gnh = layers[0][3](h3_gnh)
+            if layers[0][4] is not None:
+                h3_gnh = layers[0][4](h3_gnh)
+        return [_gaussian(enc, h3_gnh[g]) for g, enc in enumerate(encs)]
 
     def encode_mean(self, tensors: dict, name: str) -> torch.Tensor:
         """Posterior mean of one latent (``"b"``, ``"l"`` or ``"r"``), running only its encoder
@@ -385,24 +443,28 @@ class FactorDisentanglementVAE(SingleCellVariationalInference):
         out = inference_outputs
         x_ng = tensors[K.X_KEY]
         rec_n = -self.log_likelihood_n(x_ng, generative_outputs)
-        kl_local = {}
-        kl_z_n = 0.0
-        for name in LATENTS:
-            q = out[f"qz_{name}"]
-            kl_n = kl_divergence(q, Normal(torch.zeros_like(q.loc), torch.ones_like(q.scale)))
-            kl_local[f"kl_divergence_z_{name}"] = kl_n.sum(-1)
-            kl_z_n = kl_z_n + kl_local[f"kl_divergence_z_{name}"]
+        # KL of the concatenated posterior from N(0, I), elementwise, then summed per latent
+        qz = out["qz"]
+        kl_nk = 0.5 * (qz.loc.square() + qz.scale.square() - 1.0) - qz.scale.log()
+        widths = [self.n_latent_b, self.n_latent_l, self.n_latent_r]
+        kl_local = {
+            f"kl_divergence_z_{name}": part_nk.sum(-1)
+            for name, part_nk in zip(LATENTS, torch.split(kl_nk, widths, dim=-1))
+        }
+        kl_z_n = kl_nk.sum(-1)
         loss_n = rec_n + kl_weight * self.beta * kl_z_n
         if self.l_encoder is not None:
             idx_n = tensors[K.BATCH_KEY].long().reshape(-1)
             prior = Normal(self.library_log_means_b[idx_n, None],
-                           self.library_log_vars_b[idx_n, None].sqrt())
+                           self.library_log_vars_b[idx_n, None].sqrt(), validate_args=False)
             kl_local["kl_divergence_l"] = kl_divergence(out["ql"], prior).sum(-1)
             loss_n = loss_n + kl_local["kl_divergence_l"]
         loss = loss_n.mean()
         batch_n = tensors[K.BATCH_KEY].long().reshape(-1)
         label_n = tensors[K.LABELS_KEY].long().reshape(-1)
-        labelled_n = label_n < self.n_classes
+        # unlabelled cells (codes >= n_classes) get weight 0; clamping keeps their codes valid
+        labelled_w_n = (label_n < self.n_classes).to(x_ng.dtype)
+        label_n = label_n.clamp(max=max(self.n_classes - 1, 0))
         extra: dict[str, torch.Tensor] = {}
         logits = {}
         for names, heads in ((self.sup_names, self.heads), (self.adv_names, self.adversaries)):
@@ -413,7 +475,7 @@ class FactorDisentanglementVAE(SingleCellVariationalInference):
             if name in ("head_batch", "adv_batch_from_l", "adv_batch_from_r"):
                 ce[name] = F.cross_entropy(logits_nc, batch_n)
             else:
-                ce[name] = _masked_cross_entropy(logits_nc, label_n, labelled_n)
+                ce[name] = _masked_cross_entropy(logits_nc, label_n, labelled_w_n)
         if "head_batch" in ce:
             extra["classification_loss_batch"] = ce["head_batch"]
             loss = loss + self.lambda_b * ce["head_batch"]
@@ -425,8 +487,10 @@ class FactorDisentanglementVAE(SingleCellVariationalInference):
             extra["adversarial_loss"] = sum(adv)
             loss = loss + extra["adversarial_loss"]
         if self.gamma > 0:
-            extra["cross_correlation"] = cross_correlation_penalty(
-                out["qz_b"].loc, out["qz_l"].loc, out["qz_r"].loc
+            loc_nk = qz.loc
+            extra["cross_correlation"] = (
+                _correlation_penalty_of(loc_nk, widths) if loc_nk.shape[0] > 1
+                else loc_nk.new_zeros(())
             )
             loss = loss + self.gamma * extra["cross_correlation"]
         return LossOutput(
@@ -434,13 +498,29 @@ class FactorDisentanglementVAE(SingleCellVariationalInference):
         )
 
 
+def _gaussian(enc: Encoder, h_nh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loc, scale)`` of an ``scvi.nn.Encoder``'s Normal from its last hidden layer."""
+    loc = enc.mean_encoder(h_nh)
+    return loc, (enc.var_activation(enc.var_encoder(h_nh)) + enc.var_eps).sqrt()
+
+
+def _with_fast_dropout(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with each ``nn.Dropout`` replaced by :class:`~cellsight.models.fadvi.heads.
+    FastDropout` of the same rate (no parameters change; see that module for why)."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.Dropout):
+            setattr(module, name, FastDropout(child.p))
+        else:
+            _with_fast_dropout(child)
+    return module
+
+
 def _masked_cross_entropy(
-    logits_nc: torch.Tensor, label_n: torch.Tensor, labelled_n: torch.Tensor
+    logits_nc: torch.Tensor, label_n: torch.Tensor, labelled_w_n: torch.Tensor
 ) -> torch.Tensor:
-    """Mean cross-entropy over the labelled cells; 0 (still connected to the head's graph, as
-    DDP needs every parameter in the graph) when the minibatch has none."""
-    if bool(labelled_n.all()):
-        return F.cross_entropy(logits_nc, label_n)
-    if not bool(labelled_n.any()):
-        return logits_nc.sum() * 0.0
-    return F.cross_entropy(logits_nc[labelled_n], label_n[labelled_n])
+    """Mean cross-entropy over the labelled cells (``labelled_w_n`` is 1 there, 0 elsewhere;
+    ``label_n`` must be a valid class everywhere). A weighted sum rather than boolean indexing:
+    no host synchronisation and no ``nonzero``; 0 (still connected to the head's graph, as DDP
+    needs every parameter in the graph) when the minibatch has no labelled cell."""
+    ce_n = F.cross_entropy(logits_nc, label_n, reduction="none")
+    return (ce_n * labelled_w_n).sum() / labelled_w_n.sum().clamp(min=1.0)
