@@ -17,6 +17,16 @@ random forest 0.925 / 0.793, DE t-test 0.900 / 0.713, Wilcoxon 0.900 / 0.739, lo
 0.829 / 0.634, mutual information 0.802 / 0.513. The goal (>= 0.9 and above every baseline)
 is missed: CauTrigger beats logistic regression and mutual information, ties DE, and stays
 below the random forest. Without input noise the same first 9 data sets gave ~0.78 (1L/2L).
+
+``--restarts 3`` (averaging the normalised weights of 3 independent fits per data set, as
+:func:`cellsight.models.cautrigger.ensemble_up_feature_weights` does; chosen on data-set seeds
+10-11, where it raised 1L SHAP from 0.861 to 0.903, while encoder dropout 0.3 with 32 hidden
+units gave 0.797, ``input_noise=2`` 0.799 and 30 epochs 0.869), on the report grid (seeds
+0-4), grid-mean AUROC / AUPR: 2L SHAP 0.887 / 0.752, 2L Grad (log-odds) 0.885 / 0.752, 2L
+Ensemble 0.885 / 0.750, 1L SHAP 0.884 / 0.737, 1L Grad 0.882 / 0.736, 2L Model 0.874 / 0.716,
+1L Model 0.867 / 0.705. It raises AUPR (+0.01-0.02) and the gates' AUROC (+0.01-0.02) but
+not the AUROC of SHAP/Grad (-0.005 to -0.01 against one fit): the tuning-seed gain did not
+carry over, so one fit stays the default and the goal stays missed.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import sys
 import time
 import warnings
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -42,7 +53,7 @@ METHODS = (("Model", "prob"), ("Grad", "prob"), ("Grad", "logit"), ("SHAP", "pro
 
 
 def run_one(strength: float, dropout: float, seed: int, epochs: int,
-            model_kwargs: dict | None = None) -> list[dict]:
+            model_kwargs: dict | None = None, restarts: int = 1) -> list[dict]:
     adata = simulate_causal_cascade(causal_strength=strength, dropout=dropout, seed=seed)
     up = split_cascade(adata)
     truth = up.var["is_causal"].to_numpy()
@@ -52,13 +63,18 @@ def run_one(strength: float, dropout: float, seed: int, epochs: int,
         rows.append((name, *score_metrics(scores, truth)))
     for cls in (CauTrigger1L, CauTrigger2L):
         cls.setup_anndata(up)
-        model = cls(up, n_latent=10, n_causal=2, seed=seed, **(model_kwargs or {}))
-        model.train(**{**TRAIN, "max_epochs": epochs})
-        for method, source in METHODS:
-            df, _ = model.get_up_feature_weights(method=method, grad_source=source)
-            df = df.loc[up.var_names]
-            name = f"{cls.__name__[-2:]} {method}" + (" (log-odds)" if source == "logit" else "")
-            rows.append((name, *score_metrics(df["weight"], truth)))
+        weights: dict[str, list] = {}
+        for r in range(restarts):  # independent fits; their normalised weights are averaged
+            model = cls(up, n_latent=10, n_causal=2, seed=seed if restarts == 1 else
+                        seed * 100 + r, **(model_kwargs or {}))
+            model.train(**{**TRAIN, "max_epochs": epochs})
+            for method, source in METHODS:
+                df, _ = model.get_up_feature_weights(method=method, grad_source=source)
+                name = f"{cls.__name__[-2:]} {method}" + (" (log-odds)" if source == "logit"
+                                                          else "")
+                weights.setdefault(name, []).append(df.loc[up.var_names, "weight"].to_numpy())
+        for name, ws in weights.items():
+            rows.append((name, *score_metrics(np.mean(ws, 0), truth)))
     return [dict(strength=strength, dropout=dropout, seed=seed, method=m, auroc=a, aupr=p)
             for m, a, p in rows]
 
@@ -72,10 +88,13 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write all rows to this CSV")
     ap.add_argument("--input-noise", type=float, default=None,
                     help="CauTrigger's input_noise (default: the model's default, 1.0)")
+    ap.add_argument("--restarts", type=int, default=1,
+                    help="independent fits per data set whose normalised weights are averaged")
+    ap.add_argument("--seed-offset", type=int, default=0, help="first data-set seed")
     ap.add_argument("--from-csv", default=None, help="only print the table of a saved run")
     args = ap.parse_args()
     if args.from_csv:
-        report(pd.read_csv(args.from_csv))
+        report(pd.concat([pd.read_csv(f) for f in args.from_csv.split(",")]))
         return
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -86,9 +105,9 @@ def main() -> None:
     t0 = time.perf_counter()
     for s in args.strengths:
         for d in args.dropouts:
-            for seed in range(args.seeds):
+            for seed in range(args.seed_offset, args.seed_offset + args.seeds):
                 mk = {} if args.input_noise is None else {"input_noise": args.input_noise}
-                rows += run_one(s, d, seed, args.epochs, mk)
+                rows += run_one(s, d, seed, args.epochs, mk, args.restarts)
                 print(f"done strength={s} dropout={d} seed={seed} "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
                 if args.out:

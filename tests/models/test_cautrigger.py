@@ -215,3 +215,40 @@ def test_early_stopping_monitors_the_validation_loss(up):
     assert len(hist) < 30 and "validation_loss" in hist
     with pytest.raises(ValueError, match="validation cells"):
         m.train(early_stopping=True, train_size=1.0, **FAST)
+
+
+@pytest.mark.ddp
+def test_one_layer_trains_with_two_ddp_processes_on_cpu(up):
+    """ddp_spawn (gloo) with 2 CPU processes: the trained weights come back to this process,
+    every rank's metrics are finite and the scores are finite and differ from the untrained
+    gates."""
+    adata = up.copy()
+    CauTrigger1L.setup_anndata(adata)
+    m = CauTrigger1L(adata, n_latent=4, n_causal=2, seed=0)
+    before = m.module.gate_logit_g.detach().clone()
+    hist = m.train(**{**FAST, "max_epochs": 3}, devices=2, accelerator="cpu")
+    assert m.is_trained_ and len(hist) == 3
+    assert np.isfinite(hist["dpd_loss_train"]).all()
+    assert not torch.equal(m.module.gate_logit_g.detach(), before)
+    for method in ("Model", "Grad"):
+        df, full = m.get_up_feature_weights(method=method)
+        assert np.isfinite(full).all() and np.isfinite(df["weight"]).all()
+        assert df["weight"].sum() == pytest.approx(1.0)
+
+
+def test_restart_ensemble_averages_the_normalised_weights_of_independent_fits(up):
+    from cellsight.models.cautrigger import ensemble_up_feature_weights
+
+    adata = up.copy()
+    CauTrigger1L.setup_anndata(adata)
+    df, models = ensemble_up_feature_weights(
+        CauTrigger1L, adata, n_restarts=2, seed=3, model_kwargs=dict(n_latent=4, n_causal=2),
+        train_kwargs=FAST, method="Grad")
+    assert [m.seed for m in models] == [3, 4]
+    each = [m.get_up_feature_weights(method="Grad")[0].loc[adata.var_names, "weight"]
+            for m in models]
+    np.testing.assert_allclose(df.loc[adata.var_names, "weight"], np.mean(each, 0), rtol=1e-6)
+    assert not np.allclose(each[0], each[1])  # the fits differ: there is variance to average
+    assert df["weight"].sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="n_restarts"):
+        ensemble_up_feature_weights(CauTrigger1L, adata, n_restarts=0)

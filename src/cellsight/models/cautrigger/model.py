@@ -133,6 +133,13 @@ class CauTrigger1L(CauTriggerBase):
         ``(weights_df, weights_full)``: a copy of ``var`` with a ``weight`` column, and the
         cells x features matrix of absolute per-cell weights (plus the background with
         ``return_background``).
+
+        Notes
+        -----
+        These are the scores of one fit. When the signal is weak they vary from seed to seed;
+        :func:`cellsight.models.cautrigger.ensemble_up_feature_weights` averages them over
+        independent restarts (3 by default), which is what ``benchmarks/cautrigger_grid.py
+        --restarts 3`` reports.
         """
         return explain.up_feature_weights(
             self, adata, method, n_bg_samples, grad_source, normalize, sort_by_weight,
