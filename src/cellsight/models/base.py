@@ -7,8 +7,10 @@ multi-process DDP work the same for all of them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -161,6 +163,22 @@ class BaseModel:
         )
 
     # ------------------------------------------------------------------ data access
+    @contextlib.contextmanager
+    def _seeded(self) -> Iterator[None]:
+        """Eval mode, no gradients, and torch's RNG seeded with the model's seed (restored)."""
+        self.module.eval()
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            torch.manual_seed(self.seed)
+            yield
+
+    def _obs_names(self, adata: AnnData | None, indices) -> pd.Index:
+        """Names of the cells at ``indices`` (positions or a boolean mask; ``None``: all)."""
+        names = pd.Index((self.adata if adata is None else adata).obs_names)
+        if indices is None:
+            return names
+        idx = np.asarray(indices)
+        return names[np.flatnonzero(idx) if idx.dtype == bool else idx]
+
     def _manager_for(self, adata: AnnData | None):
         """The AnnDataManager for ``adata``, validated against the model's registry."""
         if adata is None or adata is self.adata:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -378,20 +377,6 @@ class FADVI(PredictionMixin, InterpretMixin, BaseModel):
         }
 
     # ------------------------------------------------------------------ helpers
-    @contextlib.contextmanager
-    def _seeded(self) -> Iterator[None]:
-        self.module.eval()
-        with torch.random.fork_rng(devices=[]), torch.inference_mode():
-            torch.manual_seed(self.seed)
-            yield
-
-    def _obs_names(self, adata: AnnData | None, indices) -> pd.Index:
-        names = (self.adata if adata is None else adata).obs_names
-        if indices is None:
-            return pd.Index(names)
-        idx = np.asarray(indices)
-        return pd.Index(names[np.flatnonzero(idx) if idx.dtype == bool else idx])
-
     def _inference(self, tensors: dict, give_mean: bool = True, n_samples: int = 1) -> dict:
         return self.module.inference(
             **self.module._get_inference_input(tensors), n_samples=n_samples,

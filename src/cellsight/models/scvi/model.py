@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -154,21 +153,6 @@ class SCVI(InterpretMixin, BaseModel):
             )
 
     # ------------------------------------------------------------------ helpers
-    @contextlib.contextmanager
-    def _seeded(self) -> Iterator[None]:
-        """Eval mode, no gradients, and torch's RNG seeded with the model's seed (restored)."""
-        self.module.eval()
-        with torch.random.fork_rng(devices=[]), torch.inference_mode():
-            torch.manual_seed(self.seed)
-            yield
-
-    def _obs_names(self, adata: AnnData | None, indices) -> pd.Index:
-        names = (self.adata if adata is None else adata).obs_names
-        if indices is None:
-            return names
-        idx = np.asarray(indices)
-        return names[np.flatnonzero(idx) if idx.dtype == bool else idx]
-
     def _gene_positions(self, gene_list: Sequence[str] | None) -> np.ndarray | None:
         if gene_list is None:
             return None
