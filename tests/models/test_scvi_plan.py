@@ -6,8 +6,7 @@ import torch
 from scvi_helpers import count_adata
 
 from cellsight.models import SCVI
-from cellsight.models.scvi.plan import EpochMetricsTrainingPlan
-from cellsight.train import TrainingPlan
+from cellsight.train import EpochMetricsTrainingPlan, TrainingPlan
 
 COLUMNS = [
     "elbo_train",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cellsight.models.cautrigger.weights import stage_multipliers
-from cellsight.models.scvi.plan import EpochMetricsTrainingPlan
+from cellsight.train import EpochMetricsTrainingPlan
 
 __all__ = ["CauTriggerTrainingPlan"]
 

@@ -12,13 +12,13 @@ LayerNorm encoders a factor of 10-30 changed the batch predictability of ``z_l``
 
 from __future__ import annotations
 
-from cellsight.models.scvi.plan import EpochMetricsTrainingPlan
+from cellsight.train import EpochMetricsTrainingPlan
 
 __all__ = ["FADVITrainingPlan"]
 
 
 class FADVITrainingPlan(EpochMetricsTrainingPlan):
-    """:class:`~cellsight.models.scvi.plan.EpochMetricsTrainingPlan` with the adversaries'
+    """:class:`~cellsight.train.EpochMetricsTrainingPlan` with the adversaries'
     learning rate multiplied by ``adversary_lr_factor`` (other parameters as scvi-tools')."""
 
     def __init__(self, module, adversary_lr_factor: float = 1.0, **kwargs) -> None:

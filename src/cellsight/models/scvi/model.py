@@ -16,7 +16,7 @@ from cellsight.data.shards import is_sharded
 from cellsight.interpret.mixin import InterpretMixin
 from cellsight.models.base import BaseModel
 from cellsight.models.scvi.module import SingleCellVariationalInference
-from cellsight.models.scvi.plan import EpochMetricsTrainingPlan
+from cellsight.train import EpochMetricsTrainingPlan
 
 __all__ = ["SCVI"]
 
@@ -65,7 +65,7 @@ class SCVI(InterpretMixin, BaseModel):
     :class:`cellsight.interpret.mixin.InterpretMixin` (targets ``"latent"``, ``"expression"``,
     ``"loss"``).
 
-    Training uses :class:`~cellsight.models.scvi.plan.EpochMetricsTrainingPlan`: scvi-tools'
+    Training uses :class:`~cellsight.train.EpochMetricsTrainingPlan`: scvi-tools'
     optimisation, KL annealing and ELBO metrics, logged once per epoch.
     """
 
