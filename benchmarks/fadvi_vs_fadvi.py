@@ -43,12 +43,12 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 import warnings
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
+
+from cellsight.train import EpochTimer
 
 GOAL_RATIO = 0.3
 PEER_TOOL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tools", "peer-venv")
@@ -89,21 +89,6 @@ PEER_SCRIPT = textwrap.dedent(
     np.savez(out, pred1=pred1, pred2=pred2, wall=timer.wall, cpu=timer.cpu, **latents)
     """
 )
-
-
-class EpochTimer(pl.Callback):
-    """Wall and process-CPU seconds of each training epoch (validation included)."""
-
-    def __init__(self) -> None:
-        self.wall: list[float] = []
-        self.cpu: list[float] = []
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._t = (time.perf_counter(), time.process_time())
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.wall.append(time.perf_counter() - self._t[0])
-        self.cpu.append(time.process_time() - self._t[1])
 
 
 def peer_python() -> str | None:

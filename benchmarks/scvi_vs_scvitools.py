@@ -33,30 +33,15 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import time
 import warnings
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from cellsight.train import EpochTimer
+
 GOAL_RATIO = 0.6
 GOAL_ELBO = 0.02
-
-
-class EpochTimer(pl.Callback):
-    """Wall and process-CPU seconds of each training epoch (validation included)."""
-
-    def __init__(self) -> None:
-        self.wall: list[float] = []
-        self.cpu: list[float] = []
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._t = (time.perf_counter(), time.process_time())
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.wall.append(time.perf_counter() - self._t[0])
-        self.cpu.append(time.process_time() - self._t[1])
 
 
 def load(name: str):

@@ -5,11 +5,30 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import lightning.pytorch as pl
 import pandas as pd
 
-__all__ = ["HistoryCallback", "read_history"]
+__all__ = ["HistoryCallback", "EpochTimer", "read_history"]
+
+
+class EpochTimer(pl.Callback):
+    """Wall and process-CPU seconds of each training epoch (validation included).
+
+    ``wall`` and ``cpu`` are lists with one entry per epoch (the benchmarks' speed measure).
+    """
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t = (time.perf_counter(), time.process_time())
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.wall.append(time.perf_counter() - self._t[0])
+        self.cpu.append(time.process_time() - self._t[1])
 
 
 class HistoryCallback(pl.Callback):
