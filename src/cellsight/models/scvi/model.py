@@ -15,13 +15,14 @@ from cellsight.data import validate as V
 from cellsight.data.shards import is_sharded
 from cellsight.interpret.mixin import InterpretMixin
 from cellsight.models.base import BaseModel
+from cellsight.models.expression import ExpressionMixin
 from cellsight.models.scvi.module import SingleCellVariationalInference
 from cellsight.train import EpochMetricsTrainingPlan
 
 __all__ = ["SCVI"]
 
 
-class SCVI(InterpretMixin, BaseModel):
+class SCVI(ExpressionMixin, InterpretMixin, BaseModel):
     """Single-cell variational inference (Lopez et al. 2018) with scvi-tools' API.
 
     Defaults are those of ``scvi.model.SCVI`` (128 hidden units, 10 latent dimensions, one
@@ -153,21 +154,12 @@ class SCVI(InterpretMixin, BaseModel):
             )
 
     # ------------------------------------------------------------------ helpers
-    def _gene_positions(self, gene_list: Sequence[str] | None) -> np.ndarray | None:
-        if gene_list is None:
-            return None
-        genes = pd.Index([gene_list] if isinstance(gene_list, str) else list(gene_list))
-        pos = self.var_names.get_indexer(genes)
-        if (pos < 0).any():
-            missing = list(genes[pos < 0][:5])
-            raise ValueError(
-                f"gene_list has {int((pos < 0).sum())} gene(s) the model does not know "
-                f"({missing}); pick genes from model.var_names."
-            )
-        return pos
-
     def _batch_codes(self, transform_batch: Any) -> list[int | None]:
-        """Batch codes for a batch name, a list of names, ``"mean"`` (all) or ``None``."""
+        """Batch codes for a batch name, a list of names, ``"mean"`` (all) or ``None``.
+
+        The :class:`~cellsight.models.expression.ExpressionMixin` hook (and
+        :meth:`get_reconstructed_counts`' lookup of one batch name).
+        """
         cats = [str(c) for c in self.summary.batch_categories]
         if transform_batch is None:
             return [None]
@@ -306,31 +298,10 @@ class SCVI(InterpretMixin, BaseModel):
         return_numpy
             Return an array instead of a DataFrame (cells x genes, with names).
         """
-        codes = self._batch_codes(transform_batch)
-        genes = self._gene_positions(gene_list)
-        key = "mu" if library_size == "latent" else "scale"
-        scaling = 1.0 if library_size == "latent" else float(library_size)
-        chunks = []
-        with self._seeded():
-            for tensors in self._loader(adata, indices, batch_size):
-                acc = 0.0
-                for code in codes:
-                    _, gen = self.module(
-                        tensors,
-                        inference_kwargs={"n_samples": n_samples},
-                        generative_kwargs={"transform_batch": code},
-                        compute_loss=False,
-                    )
-                    expr = gen["px"].get_normalized(key) * scaling
-                    acc = acc + (expr if genes is None else expr[..., genes]) / len(codes)
-                chunks.append(acc.cpu())
-        expr = torch.cat(chunks, dim=1 if n_samples > 1 else 0).numpy()
-        if n_samples > 1 and return_mean:
-            expr = expr.mean(0)
-        if return_numpy or expr.ndim == 3:
-            return expr
-        columns = self.var_names if genes is None else self.var_names[genes]
-        return pd.DataFrame(expr, index=self._obs_names(adata, indices), columns=columns)
+        return self._normalized_expression(
+            adata, indices, transform_batch, gene_list, library_size, n_samples, return_mean,
+            return_numpy, batch_size,
+        )
 
     def get_reconstructed_counts(
         self,
