@@ -17,6 +17,7 @@ every chunk read; :func:`validate_shards` runs them over all the data up front.
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 from collections.abc import Sequence
@@ -121,16 +122,69 @@ def _check_schema(i: int, path: str, path0: str, var0: pd.Index, cols0: list, va
         )
 
 
+def merge_category_orders(orders: Sequence[Sequence]) -> list:
+    """One order of all categories that keeps the relative order of every shard's categories.
+
+    Shards cut from one AnnData lose the categories their cells do not use (AnnData drops
+    unused categories when a subset is copied), so a shard's categories are a subsequence of
+    the full order; merging the subsequences recovers that order wherever the shards determine
+    it, and with it the category codes (a label head's class order, a batch's one-hot column)
+    that the in-memory AnnData gets. A union in order of first appearance instead puts a
+    category missing from shard 0 after the others: the codes, and so the model trained from
+    the shards, then differ from in-memory training with the same seed.
+
+    Where the shards leave the order open (two categories never in one shard), the category
+    seen first (shard, then position) comes first. If the shards contradict each other (``a``
+    before ``b`` in one, after it in another), the categories that no contradiction holds back
+    are placed first, then the first-seen category of the contradiction is released.
+
+    Parameters
+    ----------
+    orders
+        Each shard's categories, in its own order.
+    """
+    first: dict = {}  # category -> rank of its first appearance
+    succ: dict = {}
+    n_pred: dict = {}
+    for order in orders:
+        for c in order:
+            if c not in first:
+                first[c] = len(first)
+                succ[c], n_pred[c] = set(), 0
+        for a, b in zip(order[:-1], order[1:]):  # consecutive pairs imply the whole order
+            if b not in succ[a]:
+                succ[a].add(b)
+                n_pred[b] += 1
+    ready = [(first[c], c) for c in first if n_pred[c] == 0]
+    heapq.heapify(ready)
+    merged: list = []
+    left = dict(first)
+    while left:
+        if not ready:  # contradictory orders: a cycle; release its first-seen category
+            c = min(left, key=left.__getitem__)
+            n_pred[c] = 0
+            ready = [(first[c], c)]
+        _, c = heapq.heappop(ready)
+        if c not in left:
+            continue
+        merged.append(c)
+        del left[c]
+        for b in succ[c]:
+            n_pred[b] -= 1
+            if n_pred[b] == 0 and b in left:
+                heapq.heappush(ready, (first[b], b))
+    return merged
+
+
 def _concat_obs(frames: list[pd.DataFrame], columns: list) -> pd.DataFrame:
     """Concatenate obs frames; categorical columns keep a categorical dtype with the union of
-    the shards' categories (in order of first appearance)."""
+    the shards' categories, ordered by :func:`merge_category_orders` (the in-memory order when
+    the shards were cut from one AnnData)."""
     out = {}
     for col in columns:
         parts = [f[col] for f in frames]
         if all(isinstance(p.dtype, pd.CategoricalDtype) for p in parts):
-            cats = pd.Index([])
-            for p in parts:
-                cats = cats.append(pd.Index(p.cat.categories).difference(cats, sort=False))
+            cats = merge_category_orders([list(p.cat.categories) for p in parts])
             values = np.concatenate([np.asarray(p.astype(object)) for p in parts])
             out[col] = pd.Categorical(values, categories=cats)
         else:
