@@ -73,6 +73,20 @@ class FastDropout(nn.Module):
         return f"p={self.p}"
 
 
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by ``scale`` (broadcast)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None
+
+
 class ParallelClassifiers(nn.Module):
     """``G`` independent MLP classifiers with one batched forward.
 
@@ -123,6 +137,8 @@ class ParallelClassifiers(nn.Module):
             nn.LayerNorm(h, elementwise_affine=False) if use_layer_norm else nn.Identity()
             for _ in range(n_layers)
         )
+        pad_gc = torch.arange(c_max)[None, :] >= torch.tensor(self.n_classes)[:, None]
+        self.register_buffer("padding_g1c_mask", pad_gc[:, None, :], persistent=False)
 
     def _hidden(self, h_gnh: torch.Tensor, layer: int) -> torch.Tensor:
         g, n, k = h_gnh.shape
@@ -134,15 +150,41 @@ class ParallelClassifiers(nn.Module):
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Logits of every head: ``inputs[g]`` is ``(n, n_inputs[g])``, all with the same ``n``."""
+        out = self.logits_gnc(inputs)
+        return [out[g, :, :c] for g, c in enumerate(self.n_classes)]
+
+    def logits_gnc(
+        self, inputs: Sequence[torch.Tensor], grad_scale_g: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Stacked logits ``(heads, n, max classes)``; columns past a head's classes are padding
+        (:meth:`cross_entropy_g` ignores them).
+
+        ``grad_scale_g`` multiplies the gradient reaching head ``g``'s input by its entry (e.g.
+        ``-alpha``: gradient reversal of per-head strength), in one operation for all heads.
+        """
         if len(inputs) != self.n_heads:
             raise ValueError(f"{len(inputs)} inputs for {self.n_heads} heads.")
         k_max = self.weights[0].shape[1]
-        x_gnk = torch.stack([F.pad(x, (0, k_max - x.shape[-1])) for x in inputs])
+        x_gnk = torch.stack(
+            [x if x.shape[-1] == k_max else F.pad(x, (0, k_max - x.shape[-1])) for x in inputs]
+        )
+        if grad_scale_g is not None:
+            x_gnk = _ScaleGradient.apply(x_gnk, grad_scale_g.reshape(-1, 1, 1))
         h = x_gnk
         for layer in range(len(self.norms)):
             h = self._hidden(torch.baddbmm(self.biases[layer], h, self.weights[layer]), layer)
-        out = torch.baddbmm(self.biases[-1], h, self.weights[-1])
-        return [out[g, :, :c] for g, c in enumerate(self.n_classes)]
+        return torch.baddbmm(self.biases[-1], h, self.weights[-1])
+
+    def cross_entropy_g(
+        self, logits_gnc: torch.Tensor, target_gn: torch.Tensor, weight_gn: torch.Tensor
+    ) -> torch.Tensor:
+        """Weighted mean cross-entropy of each head, ``(heads,)``: ``sum_n w ce / max(sum_n w,
+        1)``, one log-softmax for all heads (padding columns masked out). With weights 1 it is
+        ``F.cross_entropy`` per head; weights 0 drop cells (unlabelled ones) without host
+        synchronisation, and a head whose weights are all 0 gives 0, still in the graph."""
+        logp_gnc = torch.log_softmax(logits_gnc.masked_fill(self.padding_g1c_mask, -math.inf), -1)
+        nll_gn = logp_gnc.gather(-1, target_gn.unsqueeze(-1)).squeeze(-1)
+        return -(nll_gn * weight_gn).sum(-1) / weight_gn.sum(-1).clamp(min=1.0)
 
     def forward_one(self, index: int, x_nk: torch.Tensor) -> torch.Tensor:
         """Logits of head ``index`` alone (its parameter and normalisation slices)."""

@@ -7,9 +7,14 @@ SingleCellVariationalInference`, whose decoder, dispersion and likelihood code i
 
 * supervised heads: the batch read from ``z_b`` (weight ``lambda_b``) and the label from
   ``z_l`` (weight ``lambda_l``, labelled cells only);
-* four adversaries behind gradient reversal (:mod:`cellsight.nn.gradient_reversal`): the label
-  from ``z_b`` (``alpha_bl``), the batch from ``z_l`` (``alpha_lb``), the batch from ``z_r``
-  (``alpha_rb``) and the label from ``z_r`` (``alpha_rl``);
+* four adversaries behind gradient reversal (the gradient reaching the latents from each
+  adversary is multiplied by ``-alpha``, one operation for the four, see
+  :meth:`~cellsight.models.fadvi.heads.ParallelClassifiers.logits_gnc`): the label from
+  ``z_b`` (``alpha_bl``), the batch from ``z_l`` (``alpha_lb``), the batch from ``z_r``
+  (``alpha_rb``) and the label from ``z_r`` (``alpha_rl``); or, for alternating optimisation,
+  ``-alpha`` times their cross-entropies against frozen adversaries (``adversarial="frozen"``
+  in :meth:`FactorDisentanglementVAE.loss`, the same gradient for the encoders) and the
+  adversaries' own loss on detached latents (:meth:`FactorDisentanglementVAE.adversary_loss`);
 * ``gamma`` times the squared Frobenius norm of the *correlation* matrices between the
   posterior means of the three latents (scale-free: shrinking a latent does not lower it).
 
@@ -26,20 +31,25 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scvi import REGISTRY_KEYS as K
 from scvi.module.base import LossOutput
 from scvi.nn import Encoder
 from torch.distributions import Normal, kl_divergence
 
 from cellsight.models.fadvi.heads import FastDropout, ParallelClassifiers
+from cellsight.models.fadvi.likelihood import zinb_log_likelihood_n
 from cellsight.models.scvi.module import SingleCellVariationalInference
-from cellsight.nn.gradient_reversal import grad_reverse
 from cellsight.nn.layers import norm_placement
 
 __all__ = ["FactorDisentanglementVAE", "cross_correlation_penalty", "LATENTS"]
 
 LATENTS = ("b", "l", "r")
+# the latent each head reads and the target it predicts
+_HEAD_SOURCE = {"head_batch": "b", "head_label": "l", "adv_label_from_b": "b",
+                "adv_batch_from_l": "l", "adv_batch_from_r": "r", "adv_label_from_r": "r"}
+_HEAD_TARGET = {"head_batch": "batch", "head_label": "label", "adv_label_from_b": "label",
+                "adv_batch_from_l": "batch", "adv_batch_from_r": "batch",
+                "adv_label_from_r": "label"}
 
 
 def cross_correlation_penalty(*blocks_nk: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -260,6 +270,12 @@ class FactorDisentanglementVAE(SingleCellVariationalInference):
 
         self.heads = parallel(self.sup_names)  # supervised: batch from z_b, label from z_l
         self.adversaries = parallel(self.adv_names)
+        weight_of = {name: w for name, _, _, w in specs}
+        # per-head loss weights (lambda) and adversary strengths (alpha), not saved
+        self.register_buffer("sup_lambda_g", torch.tensor(
+            [float(weight_of[n]) for n in self.sup_names]), persistent=False)
+        self.register_buffer("adv_alpha_g", torch.tensor(
+            [float(weight_of[n]) for n in self.adv_names]), persistent=False)
 
     def has_head(self, name: str) -> bool:
         """Whether the head ``name`` (``"head_batch"``, ``"adv_label_from_r"`` ...) is built."""
@@ -414,31 +430,76 @@ class FactorDisentanglementVAE(SingleCellVariationalInference):
         """Inputs of the built heads: the posterior means, for the supervised heads (what
         ``predict`` classifies; over three seeds on the bundled PBMC data this gave hidden-label
         kNN accuracy 0.777 on average against 0.758 with sampled latents) and for the
-        adversaries behind gradient reversal (what downstream analyses read; a sample's noise
-        can hide the batch from an adversary while the mean still carries it)."""
-        sources = {
-            "head_batch": lambda: out["qz_b"].loc,
-            "head_label": lambda: out["qz_l"].loc,
-            "adv_label_from_b": lambda: grad_reverse(out["qz_b"].loc, self.alpha_bl),
-            "adv_batch_from_l": lambda: grad_reverse(out["qz_l"].loc, self.alpha_lb),
-            "adv_batch_from_r": lambda: grad_reverse(out["qz_r"].loc, self.alpha_rb),
-            "adv_label_from_r": lambda: grad_reverse(out["qz_r"].loc, self.alpha_rl),
-        }
-        return [sources[name]() for name in names]
+        adversaries (what downstream analyses read; a sample's noise can hide the batch from an
+        adversary while the mean still carries it). Gradient reversal, when used, is applied by
+        :meth:`~cellsight.models.fadvi.heads.ParallelClassifiers.logits_gnc`."""
+        return [out[f"qz_{_HEAD_SOURCE[name]}"].loc for name in names]
+
+    def _cross_entropies_g(
+        self, heads: ParallelClassifiers, names: list[str], inputs: list[torch.Tensor],
+        targets: dict, grad_scale_g: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Cross-entropy of each head of ``heads`` (``(len(names),)``), one stacked pass."""
+        logits_gnc = heads.logits_gnc(inputs, grad_scale_g)
+        kinds = [_HEAD_TARGET[name] for name in names]
+        target_gn = torch.stack([targets[k][0] for k in kinds])
+        weight_gn = torch.stack([targets[k][1] for k in kinds])
+        return heads.cross_entropy_g(logits_gnc, target_gn, weight_gn)
+
+    def _targets(self, tensors: dict) -> dict:
+        """``{"batch": (codes, weights), "label": (codes, weights)}`` of a minibatch: labels of
+        unlabelled cells (codes ``>= n_classes``) get weight 0, their codes clamped valid."""
+        batch_n = tensors[K.BATCH_KEY].long().reshape(-1)
+        label_n = tensors[K.LABELS_KEY].long().reshape(-1)
+        labelled_w_n = (label_n < self.n_classes).to(tensors[K.X_KEY].dtype)
+        label_n = label_n.clamp(max=max(self.n_classes - 1, 0))
+        return {"batch": (batch_n, torch.ones_like(labelled_w_n)),
+                "label": (label_n, labelled_w_n)}
+
+    def adversary_loss(self, tensors: dict, inference_outputs: dict) -> torch.Tensor:
+        """Sum of the adversaries' cross-entropies on the *detached* posterior means: the
+        adversaries' own objective in alternating optimisation (no gradient reaches the
+        encoders). 0 without adversaries."""
+        if self.adversaries is None:
+            return tensors[K.X_KEY].new_zeros(())
+        inputs = [z.detach() for z in self._head_inputs(inference_outputs, self.adv_names)]
+        return self._cross_entropies_g(
+            self.adversaries, self.adv_names, inputs, self._targets(tensors)
+        ).sum()
 
     # ------------------------------------------------------------------ loss
+    def log_likelihood_n(self, x_ng: torch.Tensor, generative_outputs: dict) -> torch.Tensor:
+        """``log p(x|z)`` summed over genes, per cell (scVI's; the ZINB of one sample of ``z``
+        through :func:`cellsight.models.fadvi.likelihood.zinb_log_likelihood_n`, whose backward
+        is hand-written)."""
+        px = generative_outputs["px"]
+        if self.gene_likelihood != "zinb" or px.mean.dim() != 2:
+            return super().log_likelihood_n(x_ng, generative_outputs)
+        return zinb_log_likelihood_n(
+            x_ng, px.mu, generative_outputs["theta"], generative_outputs["zi_logits"]
+        )
+
     def loss(
         self,
         tensors: dict,
         inference_outputs: dict,
         generative_outputs: dict,
         kl_weight: float | torch.Tensor = 1.0,
+        adversarial: Literal["reversal", "frozen"] = "reversal",
     ) -> LossOutput:
         """ELBO (KL weighted ``kl_weight * beta``) + supervised, adversarial and correlation terms.
 
         ``reconstruction_loss`` is ``-log p(x|z)`` per cell and ``kl_local`` the unweighted KL
         terms, so their sum is each cell's negative ELBO; the other terms are in
-        ``extra_metrics`` (unweighted) and in ``loss`` (weighted).
+        ``extra_metrics`` (unweighted; ``adversarial_loss`` is the adversaries' summed
+        cross-entropy) and in ``loss`` (weighted).
+
+        ``adversarial="reversal"`` adds the adversaries' cross-entropies with weight 1 behind
+        gradient reversal of strengths ``alpha`` (one backward trains adversaries and encoders);
+        ``"frozen"`` adds ``-sum(alpha * cross-entropy)`` without reversal, the encoders' side
+        of alternating optimisation (the caller keeps the adversaries' parameters fixed, see
+        :class:`~cellsight.models.fadvi.plan.FADVITrainingPlan`): the same gradient for the
+        encoders as reversal.
         """
         out = inference_outputs
         x_ng = tensors[K.X_KEY]
@@ -460,32 +521,27 @@ class FactorDisentanglementVAE(SingleCellVariationalInference):
             kl_local["kl_divergence_l"] = kl_divergence(out["ql"], prior).sum(-1)
             loss_n = loss_n + kl_local["kl_divergence_l"]
         loss = loss_n.mean()
-        batch_n = tensors[K.BATCH_KEY].long().reshape(-1)
-        label_n = tensors[K.LABELS_KEY].long().reshape(-1)
-        # unlabelled cells (codes >= n_classes) get weight 0; clamping keeps their codes valid
-        labelled_w_n = (label_n < self.n_classes).to(x_ng.dtype)
-        label_n = label_n.clamp(max=max(self.n_classes - 1, 0))
         extra: dict[str, torch.Tensor] = {}
-        logits = {}
-        for names, heads in ((self.sup_names, self.heads), (self.adv_names, self.adversaries)):
-            if heads is not None:
-                logits.update(zip(names, heads(self._head_inputs(out, names))))
-        ce = {}
-        for name, logits_nc in logits.items():
-            if name in ("head_batch", "adv_batch_from_l", "adv_batch_from_r"):
-                ce[name] = F.cross_entropy(logits_nc, batch_n)
-            else:
-                ce[name] = _masked_cross_entropy(logits_nc, label_n, labelled_w_n)
-        if "head_batch" in ce:
-            extra["classification_loss_batch"] = ce["head_batch"]
-            loss = loss + self.lambda_b * ce["head_batch"]
-        if "head_label" in ce:
-            extra["classification_loss_label"] = ce["head_label"]
-            loss = loss + self.lambda_l * ce["head_label"]
-        adv = [v for k, v in ce.items() if k.startswith("adv_")]
-        if adv:
-            extra["adversarial_loss"] = sum(adv)
-            loss = loss + extra["adversarial_loss"]
+        targets = self._targets(tensors)
+        if self.heads is not None:
+            ce_g = self._cross_entropies_g(
+                self.heads, self.sup_names, self._head_inputs(out, self.sup_names), targets
+            )
+            for i, name in enumerate(self.sup_names):
+                key = "batch" if name == "head_batch" else "label"
+                extra[f"classification_loss_{key}"] = ce_g[i]
+            loss = loss + (ce_g * self.sup_lambda_g).sum()
+        if self.adversaries is not None:
+            if adversarial not in ("reversal", "frozen"):
+                raise ValueError(f"adversarial={adversarial!r} must be 'reversal' or 'frozen'.")
+            reversal = adversarial == "reversal"
+            ce_g = self._cross_entropies_g(
+                self.adversaries, self.adv_names, self._head_inputs(out, self.adv_names),
+                targets, grad_scale_g=-self.adv_alpha_g if reversal else None,
+            )
+            extra["adversarial_loss"] = ce_g.sum()
+            loss = loss + (extra["adversarial_loss"] if reversal
+                           else -(ce_g * self.adv_alpha_g).sum())
         if self.gamma > 0:
             loc_nk = qz.loc
             extra["cross_correlation"] = (
@@ -514,13 +570,3 @@ def _with_fast_dropout(module: torch.nn.Module) -> torch.nn.Module:
             _with_fast_dropout(child)
     return module
 
-
-def _masked_cross_entropy(
-    logits_nc: torch.Tensor, label_n: torch.Tensor, labelled_w_n: torch.Tensor
-) -> torch.Tensor:
-    """Mean cross-entropy over the labelled cells (``labelled_w_n`` is 1 there, 0 elsewhere;
-    ``label_n`` must be a valid class everywhere). A weighted sum rather than boolean indexing:
-    no host synchronisation and no ``nonzero``; 0 (still connected to the head's graph, as DDP
-    needs every parameter in the graph) when the minibatch has no labelled cell."""
-    ce_n = F.cross_entropy(logits_nc, label_n, reduction="none")
-    return (ce_n * labelled_w_n).sum() / labelled_w_n.sum().clamp(min=1.0)
