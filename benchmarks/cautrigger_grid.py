@@ -72,7 +72,8 @@ METHODS = (("Model", "prob"), ("Grad", "prob"), ("Grad", "logit"), ("SHAP", "pro
 
 
 def run_one(strength: float, dropout: float, seed: int, epochs: int,
-            model_kwargs: dict | None = None, restarts: int = 1) -> list[dict]:
+            model_kwargs: dict | None = None, restarts: int = 1,
+            train_kwargs: dict | None = None, models: tuple = ("1L", "2L")) -> list[dict]:
     adata = simulate_causal_cascade(causal_strength=strength, dropout=dropout, seed=seed)
     up = split_cascade(adata)
     truth = up.var["is_causal"].to_numpy()
@@ -81,12 +82,14 @@ def run_one(strength: float, dropout: float, seed: int, epochs: int,
     for name, scores in baseline_scores(up.X, y, seed).items():
         rows.append((name, *score_metrics(scores, truth)))
     for cls in (CauTrigger1L, CauTrigger2L):
+        if cls.__name__[-2:] not in models:
+            continue
         cls.setup_anndata(up)
         weights: dict[str, list] = {}
         for r in range(restarts):  # independent fits; their normalised weights are averaged
             model = cls(up, n_latent=10, n_causal=2, seed=seed if restarts == 1 else
                         seed * 100 + r, **(model_kwargs or {}))
-            model.train(**{**TRAIN, "max_epochs": epochs})
+            model.train(**{**TRAIN, "max_epochs": epochs, **(train_kwargs or {})})
             for method, source in METHODS:
                 df, _ = model.get_up_feature_weights(method=method, grad_source=source)
                 name = f"{cls.__name__[-2:]} {method}" + (" (log-odds)" if source == "logit"
@@ -109,6 +112,9 @@ def main() -> None:
                     help="CauTrigger's input_noise (default: the model's default, 1.0)")
     ap.add_argument("--restarts", type=int, default=1,
                     help="independent fits per data set whose normalised weights are averaged")
+    ap.add_argument("--up-weight", type=float, default=None,
+                    help="train(up_weight=...): weight of the upstream reconstruction")
+    ap.add_argument("--models", nargs="+", default=["1L", "2L"], choices=["1L", "2L"])
     ap.add_argument("--seed-offset", type=int, default=0, help="first data-set seed")
     ap.add_argument("--from-csv", default=None, help="only print the table of a saved run")
     args = ap.parse_args()
@@ -126,7 +132,9 @@ def main() -> None:
         for d in args.dropouts:
             for seed in range(args.seed_offset, args.seed_offset + args.seeds):
                 mk = {} if args.input_noise is None else {"input_noise": args.input_noise}
-                rows += run_one(s, d, seed, args.epochs, mk, args.restarts)
+                tk = {} if args.up_weight is None else {"up_weight": args.up_weight}
+                rows += run_one(s, d, seed, args.epochs, mk, args.restarts, tk,
+                                tuple(args.models))
                 print(f"done strength={s} dropout={d} seed={seed} "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
                 if args.out:
