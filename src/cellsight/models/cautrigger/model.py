@@ -326,6 +326,16 @@ class CauTrigger2L(CauTrigger1L):
         ``down_feature_names=``.
     n_latent, n_causal, n_state, **model_kwargs
         As in :class:`CauTrigger1L` (plus ``down_feature_names``).
+
+    Notes
+    -----
+    Recommended for ranking upstream drivers: ``model.pretrain_attention()`` (gates fitted to
+    a differential-expression prior) before ``model.train(up_weight=0.1)``, and
+    ``get_up_feature_weights(method="Ensemble")``. With the upstream reconstruction at full
+    weight, the 2-dimensional ``z_c`` also reconstructs partly gated non-causal features and the
+    causal path moves with them. On the planted-truth grid of
+    ``benchmarks/cautrigger_grid.py`` (20 data sets) this raised the mean AUROC of the
+    weights from 0.893 to 0.913. The seed's defaults are kept.
     """
 
     _two_layer = True
