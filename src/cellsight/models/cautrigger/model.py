@@ -49,6 +49,12 @@ class CauTrigger1L(CauTriggerBase):
 
     Notes
     -----
+    Recommended for ranking: :meth:`pretrain_attention` (gates fitted to a
+    differential-expression prior) before :meth:`train`, and
+    ``get_up_feature_weights(method="Ensemble")``: on the planted-truth grid of
+    ``benchmarks/cautrigger_grid.py`` (20 data sets) the mean AUROC rose from 0.889 (SHAP,
+    no prior) to 0.912.
+
     Feature scores (:meth:`get_up_feature_weights`) explain the causal-path probability of
     each cell's state through the engine :mod:`cellsight.interpret`; significance
     (:meth:`get_up_significance`) is its calibrated per-feature permutation test on held-out
