@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from scvi.distributions import ZeroInflatedNegativeBinomial
 
 from cellsight.models.fadvi.heads import ParallelClassifiers
-from cellsight.models.fadvi.likelihood import digamma_from_1, zinb_log_likelihood_n
-from cellsight.nn.likelihoods import zinb_log_likelihood_n as autograd_zinb
+from cellsight.nn.likelihoods import zinb_log_likelihood_autograd_n as autograd_zinb
+from cellsight.nn.likelihoods import zinb_log_likelihood_n
+from cellsight.nn.zinb_grad import digamma_from_1
 
 
 def zinb_inputs(per_cell_theta: bool, dtype=torch.float64, n: int = 40, g: int = 25):

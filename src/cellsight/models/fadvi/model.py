@@ -93,7 +93,7 @@ class FADVI(PredictionMixin, ExpressionMixin, InterpretMixin, BaseModel):
       each group of heads computes its cross-entropies with one log-softmax and reverses the
       gradients of its inputs in one operation
       (:meth:`~cellsight.models.fadvi.heads.ParallelClassifiers.cross_entropy_g`), and the ZINB
-      has a hand-written backward (:mod:`cellsight.models.fadvi.likelihood`): a further 3%
+      has a hand-written backward (:mod:`cellsight.nn.zinb_grad`, shared with SCVI): a further 3%
       (median step 20.4 against 21.0 ms, interleaved, on a loaded machine). About a third of
       a step is matrix products running at the core's peak (~95 GFLOP/s), the rest some
       2,000 small operations, most of them transcendental functions over ``cells x genes``

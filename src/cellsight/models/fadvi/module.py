@@ -37,7 +37,6 @@ from scvi.nn import Encoder
 from torch.distributions import Normal, kl_divergence
 
 from cellsight.models.fadvi.heads import FastDropout, ParallelClassifiers
-from cellsight.models.fadvi.likelihood import zinb_log_likelihood_n
 from cellsight.models.scvi.module import SingleCellVariationalInference
 from cellsight.nn.layers import norm_placement
 
@@ -468,17 +467,6 @@ class FactorDisentanglementVAE(SingleCellVariationalInference):
         ).sum()
 
     # ------------------------------------------------------------------ loss
-    def log_likelihood_n(self, x_ng: torch.Tensor, generative_outputs: dict) -> torch.Tensor:
-        """``log p(x|z)`` summed over genes, per cell (scVI's; the ZINB of one sample of ``z``
-        through :func:`cellsight.models.fadvi.likelihood.zinb_log_likelihood_n`, whose backward
-        is hand-written)."""
-        px = generative_outputs["px"]
-        if self.gene_likelihood != "zinb" or px.mean.dim() != 2:
-            return super().log_likelihood_n(x_ng, generative_outputs)
-        return zinb_log_likelihood_n(
-            x_ng, px.mu, generative_outputs["theta"], generative_outputs["zi_logits"]
-        )
-
     def loss(
         self,
         tensors: dict,

@@ -1,7 +1,8 @@
-"""FADVI's training ZINB log-likelihood: the forward of :mod:`cellsight.nn.likelihoods`, a
-hand-written backward.
+"""The ZINB log-likelihood with a hand-written backward, behind
+:func:`cellsight.nn.likelihoods.zinb_log_likelihood_n` (used by every model with a ZINB
+likelihood: SCVI, FADVI).
 
-``zinb_log_likelihood_n(x, mu, theta, zi_logits)`` equals scvi-tools'
+``ZINBLogLikelihood.apply(x, mu, theta, zi_logits)`` equals scvi-tools'
 ``ZeroInflatedNegativeBinomial(mu, theta, zi_logits).log_prob(x).sum(-1)`` (same formulas and
 ``eps``; the gamma-function terms evaluated at the non-zero counts only, as in
 :func:`cellsight.nn.likelihoods.zinb_log_likelihood_n`). What differs is the gradient: autograd
@@ -30,9 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cellsight.nn.likelihoods import zinb_log_likelihood_n as _autograd_zinb
-
-__all__ = ["zinb_log_likelihood_n", "digamma_from_1"]
+__all__ = ["ZINBLogLikelihood", "digamma_from_1"]
 
 _EPS = 1e-8
 
@@ -54,7 +53,7 @@ def digamma_from_1(z: torch.Tensor) -> torch.Tensor:
     return torch.log(w).sub_(acc).sub_(r, alpha=0.5).add_(series)
 
 
-class _ZINBLogLikelihood(torch.autograd.Function):
+class ZINBLogLikelihood(torch.autograd.Function):
     """Per-cell ZINB log-likelihood with an analytic backward (see the module docstring)."""
 
     @staticmethod
@@ -125,27 +124,3 @@ class _ZINBLogLikelihood(torch.autograd.Function):
                 grad_theta.view(-1).index_add_(0, flat, sparse_v * g_rows_v)
         return None, grad_mu, grad_theta, grad_zi
 
-
-def zinb_log_likelihood_n(
-    x_ng: torch.Tensor, mu_ng: torch.Tensor, theta: torch.Tensor, zi_logits_ng: torch.Tensor
-) -> torch.Tensor:
-    """``sum_g log ZINB(x | mu, theta, zi_logits)`` per cell (scvi-tools' parameterisation).
-
-    Parameters
-    ----------
-    x_ng
-        Counts ``(n, g)``.
-    mu_ng
-        Means ``(n, g)``.
-    theta
-        Inverse dispersion, ``(g,)`` or ``(n, g)``.
-    zi_logits_ng
-        Logits of the zero-inflation probability ``(n, g)``.
-    """
-    shapes_ok = (
-        x_ng.dim() == 2 and mu_ng.shape == x_ng.shape and zi_logits_ng.shape == x_ng.shape
-        and (theta.shape == x_ng.shape or theta.shape == x_ng.shape[-1:])
-    )
-    if x_ng.requires_grad or not shapes_ok or torch.is_grad_enabled() is False:
-        return _autograd_zinb(x_ng, mu_ng, theta, zi_logits_ng)
-    return _ZINBLogLikelihood.apply(x_ng, mu_ng, theta, zi_logits_ng)
