@@ -97,20 +97,6 @@ SCVI_CASES = [
 ]
 
 
-@pytest.mark.parametrize("kwargs,codes", SCVI_CASES, ids=lambda c: str(c))
-def test_scvi_normalized_expression_frame_matches_module_decode(scvi_model, kwargs, codes):
-    genes = _gene_pos(scvi_model, kwargs.get("gene_list"))
-    n_samples = kwargs.get("n_samples", 1)
-    expected = reference_expression(
-        scvi_model, kwargs.get("indices"), codes, genes, kwargs.get("library_size", 1),
-        n_samples, kwargs.get("batch_size"),
-    )
-    if n_samples > 1:
-        expected = expected.mean(0)
-    out = scvi_model.get_normalized_expression(**kwargs)
-    _check_frame(out, scvi_model, expected, kwargs.get("indices"), genes)
-
-
 def test_scvi_normalized_expression_samples_and_numpy_match_module_decode(scvi_model):
     genes = _gene_pos(scvi_model, ["gene2", "gene7"])
     expected = reference_expression(scvi_model, None, [2], genes, 1e4, n_samples=3, batch_size=25)
@@ -150,18 +136,23 @@ FADVI_CASES = [
 ]
 
 
-@pytest.mark.parametrize("kwargs,codes", FADVI_CASES, ids=lambda c: str(c))
-def test_fadvi_normalized_expression_frame_matches_module_decode(fadvi_model, kwargs, codes):
-    genes = _gene_pos(fadvi_model, kwargs.get("gene_list"))
+@pytest.mark.parametrize(
+    "model_name,kwargs,codes",
+    [("scvi_model", *c) for c in SCVI_CASES] + [("fadvi_model", *c) for c in FADVI_CASES],
+    ids=lambda c: str(c),
+)
+def test_normalized_expression_frame_matches_module_decode(request, model_name, kwargs, codes):
+    model = request.getfixturevalue(model_name)
+    genes = _gene_pos(model, kwargs.get("gene_list"))
     n_samples = kwargs.get("n_samples", 1)
     expected = reference_expression(
-        fadvi_model, kwargs.get("indices"), codes, genes, kwargs.get("library_size", 1),
+        model, kwargs.get("indices"), codes, genes, kwargs.get("library_size", 1),
         n_samples, kwargs.get("batch_size"),
     )
     if n_samples > 1:
         expected = expected.mean(0)
-    out = fadvi_model.get_normalized_expression(**kwargs)
-    _check_frame(out, fadvi_model, expected, kwargs.get("indices"), genes)
+    out = model.get_normalized_expression(**kwargs)
+    _check_frame(out, model, expected, kwargs.get("indices"), genes)
 
 
 def test_fadvi_normalized_expression_samples_and_numpy_match_module_decode(fadvi_model):
