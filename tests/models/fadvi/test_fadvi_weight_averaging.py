@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from cellsight.models import FADVI
-from cellsight.models.fadvi.averaging import EpochWeightAveraging
 from cellsight.models.fadvi.data import pbmc_with_batches
+from cellsight.train import EpochWeightAveraging
 
 SMALL = dict(n_hidden=16, n_latent_b=4, n_latent_l=4, n_latent_r=2)
 KW = dict(max_epochs=4, batch_size=64, lr=1e-2, enable_progress_bar=False)

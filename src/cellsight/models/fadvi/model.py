@@ -18,11 +18,11 @@ from cellsight.data.shards import is_sharded
 from cellsight.interpret.mixin import InterpretMixin
 from cellsight.models.base import BaseModel
 from cellsight.models.expression import ExpressionMixin
-from cellsight.models.fadvi.averaging import EpochWeightAveraging
 from cellsight.models.fadvi.module import FactorDisentanglementVAE
 from cellsight.models.fadvi.plan import FADVITrainingPlan
 from cellsight.models.fadvi.prediction import PredictionMixin
 from cellsight.models.fadvi.targets import FADVI_TARGETS
+from cellsight.train import EpochWeightAveraging
 
 __all__ = ["FADVI"]
 

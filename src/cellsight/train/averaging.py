@@ -1,4 +1,5 @@
-"""Weight averaging for FADVI: the model keeps the mean of its epoch-end weights over the last
+"""Epoch weight averaging for any model of the one training path (FADVI uses it by default):
+the model keeps the mean of its epoch-end weights over the last
 part of training (stochastic weight averaging at a constant learning rate, Izmailov et al. 2018).
 
 Why: the label head fits the labelled cells perfectly within about 30 epochs (training
