@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from cellsight.data import ShardedDataModule, read_shards
 from cellsight.models import FADVI
@@ -71,15 +72,32 @@ def test_fadvi_trains_from_shards_and_infers_as_from_memory(data):
     )
 
 
+class RanksAgree(Callback):
+    """Fails the run if, at any epoch end, a rank's weights differ from rank 0's."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        flat = torch.cat([p.detach().reshape(-1) for p in pl_module.module.parameters()])
+        every = trainer.strategy.all_gather(flat)
+        if not all(torch.equal(every[0], w) for w in every[1:]):
+            raise AssertionError(f"rank weights differ after epoch {trainer.current_epoch}")
+
+
 @pytest.mark.ddp
-def test_fadvi_trains_with_two_ddp_processes_on_shards(data):
-    """ddp_spawn (gloo) over the shards: every parameter gets a gradient on both ranks (DDP
-    would fail on an unused one, e.g. a label head in a minibatch with no labelled cell), the
-    epoch metrics are reduced over the ranks and the label head learns."""
+@pytest.mark.parametrize("mode", ["alternating", "reversal"])
+def test_fadvi_trains_with_two_ddp_processes_on_shards(data, mode):
+    """ddp_spawn (gloo) over the shards, both adversarial modes: every parameter gets a
+    gradient on both ranks (DDP would fail on an unused one, e.g. a label head in a minibatch
+    with no labelled cell), the ranks see different cells yet keep identical weights (DDP's
+    reducer for reversal; the plan's own all-reduce of both backward passes for alternating),
+    the epoch metrics are reduced over the ranks and the label head learns."""
     _, m_sh, mem, _ = _pair(data)
     before = _label_loss(m_sh, mem)
+    adv_before = [p.detach().clone() for p in m_sh.module.adversaries.parameters()]
     hist = m_sh.train(max_epochs=3, batch_size=32, lr=1e-2, devices=2, accelerator="cpu",
-                      enable_progress_bar=False)
+                      enable_progress_bar=False, callbacks=[RanksAgree()],
+                      plan_kwargs={"adversarial_training": mode})
+    assert all(not torch.equal(a, b)
+               for a, b in zip(m_sh.module.adversaries.parameters(), adv_before))
     assert list(hist.index) == [0, 1, 2]
     assert np.isfinite(hist["elbo_train"]).all()
     # the validation cells (on both ranks) are scored after the last epoch only

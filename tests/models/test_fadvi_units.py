@@ -383,10 +383,20 @@ def test_adversary_learning_rate_factor_gives_the_adversaries_their_own_group():
     from cellsight.models.fadvi.plan import FADVITrainingPlan
 
     model = small_model()
-    plan = FADVITrainingPlan(model.module, lr=1e-3, adversary_lr_factor=10.0)
+    n_adv = sum(p.numel() for p in model.module.adversaries.parameters())
+    n_all = sum(p.numel() for p in model.module.parameters())
+    # gradient reversal: one optimiser, the adversaries in a second parameter group
+    plan = FADVITrainingPlan(model.module, lr=1e-3, adversary_lr_factor=10.0,
+                             adversarial_training="reversal")
     opt = plan.configure_optimizers()["optimizer"]
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-2]
-    n_adv = sum(p.numel() for p in model.module.adversaries.parameters())
     assert sum(p.numel() for p in opt.param_groups[1]["params"]) == n_adv
+    # alternating (the default): the adversaries' own optimiser has the larger rate
+    main, adversary = FADVITrainingPlan(model.module, lr=1e-3,
+                                        adversary_lr_factor=10.0).configure_optimizers()
+    assert [g["lr"] for g in main.param_groups] == [1e-3]
+    assert [g["lr"] for g in adversary.param_groups] == [1e-2]
+    assert sum(p.numel() for g in adversary.param_groups for p in g["params"]) == n_adv
+    assert sum(p.numel() for g in main.param_groups for p in g["params"]) == n_all - n_adv
     with pytest.raises(ValueError, match="adversary_lr_factor"):
         FADVITrainingPlan(model.module, adversary_lr_factor=0.0)

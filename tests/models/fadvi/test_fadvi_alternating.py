@@ -10,6 +10,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
+from lightning.pytorch import Callback
 
 from cellsight.models import FADVI
 from cellsight.models.fadvi.plan import FADVITrainingPlan
@@ -96,12 +97,46 @@ def test_alternating_model_round_trips_through_save_and_load(tmp_path):
 def test_adversarial_training_options_are_validated():
     with pytest.raises(ValueError, match="adversarial_training"):
         small_model(adversarial_training="both")
+    with pytest.raises(ValueError, match="adversarial_training"):
+        FADVITrainingPlan(small_model().module, adversarial_training="both")
+
+
+def test_alternating_is_the_default():
+    adata = small_adata()
+    FADVI.setup_anndata(adata, batch_key="batch", labels_key="label_obs")
+    model = FADVI(adata, **SMALL)
+    assert model.init_params_["adversarial_training"] == "alternating"
+    assert FADVITrainingPlan(model.module, **model._plan_kwargs()).automatic_optimization is False
+
+
+class LearningRates(Callback):
+    """Records every optimiser's learning rate at the end of training."""
+
+    def on_train_end(self, trainer, pl_module):
+        self.lrs = [opt.param_groups[0]["lr"] for opt in trainer.optimizers]
+
+
+@pytest.mark.parametrize("mode", ["alternating", "reversal"])
+def test_reduce_lr_on_plateau_steps_every_optimiser_once_per_epoch(mode):
+    """threshold 1e9: only the first epoch counts as an improvement, so with patience 0 each
+    later epoch multiplies the learning rates by lr_factor (here twice in 3 epochs); the
+    validation cells are scored every epoch, as the scheduler needs."""
+    model = small_model(adversarial_training=mode, adversary_lr_factor=3.0)
+    record = LearningRates()
+    history = model.train(
+        max_epochs=3, lr=1e-3, enable_progress_bar=False, callbacks=[record],
+        plan_kwargs={"reduce_lr_on_plateau": True, "lr_patience": 0, "lr_factor": 0.5,
+                     "lr_threshold": 1e9, "lr_min": 0.0})
+    assert np.isfinite(history["elbo_validation"]).all()
+    expected = [2.5e-4, 7.5e-4] if mode == "alternating" else [2.5e-4]
+    np.testing.assert_allclose(record.lrs, expected, rtol=1e-12)
+
+
+def test_reduce_lr_on_plateau_without_its_metric_is_rejected():
     model = small_model()
-    with pytest.raises(ValueError, match="devices=1"):
-        model.train(max_epochs=1, devices=2, enable_progress_bar=False)
-    with pytest.raises(ValueError, match="reduce_lr_on_plateau"):
-        FADVITrainingPlan(model.module, adversarial_training="alternating",
-                          reduce_lr_on_plateau=True)
+    with pytest.raises(ValueError, match="check_val_every_n_epoch=1"):
+        model.train(max_epochs=3, check_val_every_n_epoch=3, enable_progress_bar=False,
+                    plan_kwargs={"reduce_lr_on_plateau": True})
 
 
 @pytest.mark.slow

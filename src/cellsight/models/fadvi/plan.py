@@ -9,23 +9,38 @@ latents at the cost of nothing but an optimiser parameter group. On the bundled 
 LayerNorm encoders a factor of 10-30 changed the batch predictability of ``z_l`` by less than
 0.03 (it is at chance already), so the default is 1.
 
-``adversarial_training="alternating"`` replaces gradient reversal by alternating optimisation
-(Lightning manual optimisation, two Adam optimisers): each step first updates the adversaries
-on the *detached* posterior means (their cross-entropy; no gradient reaches the encoders), then
-updates everything else (encoders, decoder, supervised heads) on the ELBO, the supervised and
-correlation terms and ``-sum(alpha * cross-entropy)`` of the just-updated adversaries, whose
-parameters are frozen for that pass. The encoders' gradient is the one reversal gives them; what
-differs is that the adversaries are one step ahead, and that they are trained on their own
-optimiser (with ``adversary_lr_factor``). It costs a second, small backward per step; see
-:class:`~cellsight.models.fadvi.FADVI` for the measured comparison. Single process only
-(``devices=1``), no ``reduce_lr_on_plateau`` and no trainer-side gradient clipping (Lightning's
-manual optimisation); the step counter advances twice per minibatch, so a step-based KL warm-up
-(``n_steps_kl_warmup``) counts both steps.
+``adversarial_training="alternating"`` (FADVI's default) replaces gradient reversal by
+alternating optimisation (Lightning manual optimisation, two Adam optimisers): each step first
+updates the adversaries on the *detached* posterior means (their cross-entropy; no gradient
+reaches the encoders), then updates everything else (encoders, decoder, supervised heads) on
+the ELBO, the supervised and correlation terms and ``-sum(alpha * cross-entropy)`` of the
+just-updated adversaries, whose parameters are frozen for that pass. The encoders' gradient is
+the one reversal gives them; what differs is that the adversaries are one step ahead, and that
+they are trained on their own optimiser (with ``adversary_lr_factor``). It costs a second,
+small backward per step; see :class:`~cellsight.models.fadvi.FADVI` for the measured
+comparison. The step counter advances twice per minibatch, so a step-based KL warm-up
+(``n_steps_kl_warmup``) counts both steps; trainer-side gradient clipping is not available
+(Lightning's manual optimisation).
+
+Multi-process (DDP) training. DDP's reducer all-reduces the gradients of one backward pass per
+forward; a step here has two backward passes, each for a different set of parameters, so the
+plan runs each step with the reducer off (the strategy's ``block_backward_sync``, DDP's
+``no_sync``: gradients stay local) and averages each pass's gradients over the ranks itself,
+in one flat all-reduce, before its optimiser steps. The ranks start from the same weights
+(DDP broadcasts them) and take identical steps, so they stay identical, as under DDP.
+
+``reduce_lr_on_plateau`` gives each optimiser a ``ReduceLROnPlateau`` scheduler with the
+plan's ``lr_*`` settings, stepped once per training epoch on ``lr_scheduler_metric`` (as
+Lightning steps the scheduler of an automatically optimised plan).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+
+import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from cellsight.train import EpochMetricsTrainingPlan
 
@@ -39,7 +54,7 @@ class FADVITrainingPlan(EpochMetricsTrainingPlan):
     (``"alternating"``) of the adversaries (see the module notes)."""
 
     def __init__(
-        self, module, adversary_lr_factor: float = 1.0, adversarial_training: str = "reversal",
+        self, module, adversary_lr_factor: float = 1.0, adversarial_training: str = "alternating",
         **kwargs,
     ) -> None:
         if not adversary_lr_factor > 0:
@@ -58,16 +73,15 @@ class FADVITrainingPlan(EpochMetricsTrainingPlan):
             and getattr(module, "adversaries", None) is not None
         )
         if self.alternating:
-            if self.reduce_lr_on_plateau:
-                raise ValueError(
-                    "adversarial_training='alternating' does not support reduce_lr_on_plateau "
-                    "(manual optimisation); use adversarial_training='reversal'."
-                )
             self.automatic_optimization = False
             self.loss_kwargs["adversarial"] = "frozen"  # validation scores the same objective
 
     def _adversary_ids(self) -> set[int]:
         return {id(p) for p in self.module.adversaries.parameters()}
+
+    def _main_params(self) -> list[torch.nn.Parameter]:
+        adv_ids = self._adversary_ids()
+        return [p for p in self.module.parameters() if p.requires_grad and id(p) not in adv_ids]
 
     def get_optimizer_creator(self):
         base = super().get_optimizer_creator()
@@ -91,12 +105,48 @@ class FADVITrainingPlan(EpochMetricsTrainingPlan):
         if not self.alternating:
             return super().configure_optimizers()
         create = self.get_optimizer_creator()
-        adv_ids = self._adversary_ids()
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        main = create([p for p in params if id(p) not in adv_ids])
-        adversary = create([{"params": [p for p in params if id(p) in adv_ids],
+        main = create(self._main_params())
+        adversary = create([{"params": list(self.module.adversaries.parameters()),
                              "lr": self.lr * self.adversary_lr_factor}])
-        return [main, adversary]
+        if not self.reduce_lr_on_plateau:
+            return [main, adversary]
+        schedulers = [
+            ReduceLROnPlateau(opt, patience=self.lr_patience, factor=self.lr_factor,
+                              threshold=self.lr_threshold, min_lr=self.lr_min,
+                              threshold_mode="abs")
+            for opt in (main, adversary)
+        ]
+        return [main, adversary], schedulers
+
+    # ------------------------------------------------------------------ manual DDP
+    def _average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Mean of each parameter's gradient over the DDP ranks (one flat all-reduce); a
+        parameter without a gradient on this rank contributes zeros."""
+        if self.trainer.world_size <= 1 or not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = self.trainer.strategy.reduce(flat, reduce_op="mean")
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p)
+            offset += n
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        if not (self.alternating and self.reduce_lr_on_plateau):
+            return
+        metric = self.trainer.callback_metrics.get(self.lr_scheduler_metric)
+        if metric is None:
+            raise ValueError(
+                f"reduce_lr_on_plateau monitors {self.lr_scheduler_metric!r}, which is not "
+                f"available after epoch {self.current_epoch} (metrics: "
+                f"{sorted(self.trainer.callback_metrics)}). Validate every epoch "
+                "(check_val_every_n_epoch=1) or set lr_scheduler_metric to a training metric."
+            )
+        for scheduler in self.lr_schedulers():
+            scheduler.step(float(metric))
 
     def training_step(self, batch, batch_idx):
         if not self.alternating:
@@ -105,13 +155,24 @@ class FADVITrainingPlan(EpochMetricsTrainingPlan):
         module = self.module
         if "kl_weight" in self.loss_kwargs:
             self.loss_kwargs["kl_weight"] = self.kl_weight
+        with self._local_gradients():
+            return self._alternating_step(batch, batch_idx, module, main_opt, adversary_opt)
+
+    def _local_gradients(self):
+        """DDP's reducer off for this step (the plan averages the gradients itself)."""
+        if self.trainer.world_size > 1:
+            return self.trainer.strategy.block_backward_sync()
+        return contextlib.nullcontext()
+
+    def _alternating_step(self, batch, batch_idx, module, main_opt, adversary_opt):
         inference_outputs, generative_outputs = module(batch, compute_loss=False)
         # 1. the adversaries, on the detached latents of the current encoders
+        adversary_params = list(module.adversaries.parameters())
         adversary_opt.zero_grad(set_to_none=True)
         self.manual_backward(module.adversary_loss(batch, inference_outputs))
+        self._average_gradients(adversary_params)
         adversary_opt.step()
         # 2. everything else, against the updated adversaries (frozen: no gradient for them)
-        adversary_params = list(module.adversaries.parameters())
         for p in adversary_params:
             p.requires_grad_(False)
         try:
@@ -121,6 +182,7 @@ class FADVITrainingPlan(EpochMetricsTrainingPlan):
                 p.requires_grad_(True)
         main_opt.zero_grad(set_to_none=True)
         self.manual_backward(out.loss)
+        self._average_gradients(self._main_params())
         main_opt.step()
         self._accumulate("train", out)
         n_batches = self.trainer.num_training_batches
