@@ -8,6 +8,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from cellsight.data.registry import SETUP_UNS_KEY
+from cellsight.data.validate import check_query_genes, describe_gene_difference
 from toymodel import ToyModel, toy_adata
 
 
@@ -120,6 +121,23 @@ def test_query_with_reordered_genes_says_where(trained, adata):
     query = adata[:, list(range(11, -1, -1))].copy()
     with pytest.raises(ValueError, match=r"another order \(first difference at position 0"):
         trained.get_rates(query)
+
+
+def test_gene_differences_are_described_for_every_kind_of_mismatch():
+    ref = ["a", "b", "c"]
+    assert describe_gene_difference(ref, ref) == ""
+    assert describe_gene_difference(ref, ["a", "b"]) == (
+        "1 gene(s) of the model are missing from the query ('c')")
+    assert describe_gene_difference(ref, ["a", "b", "c", "d"]) == (
+        "1 gene(s) of the query are not in the model ('d')")
+    # same set, a repeated name: no elementwise comparison of unequal lengths
+    assert describe_gene_difference(ref, ["a", "b", "c", "c"]) == (
+        "the query has 4 gene names (with repeats) against 3")
+    assert describe_gene_difference(ref, ["a", "c", "b"], "shard 0", "this shard") == (
+        "the genes are the same but in another order (first difference at position 1: "
+        "shard 0 has 'b', this shard has 'c')")
+    with pytest.raises(ValueError, match=r"with repeats\) against 3\. Subset and reorder"):
+        check_query_genes(ref, ["a", "b", "c", "a"])
 
 
 def test_query_with_unseen_batch_category_is_rejected(trained, adata):

@@ -31,6 +31,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from cellsight.data.shards_io import ShardReader, matrix_elem, matrix_kind, open_shard
+from cellsight.data.validate import describe_gene_difference
 
 __all__ = [
     "SHARDS_UNS_KEY",
@@ -72,40 +73,15 @@ def _read_frame(root, key: str) -> pd.DataFrame:
     return anndata.io.read_elem(root[key])
 
 
-def _describe_gene_difference(ref: pd.Index, other: pd.Index) -> str:
-    missing = ref.difference(other, sort=False)
-    extra = other.difference(ref, sort=False)
-    parts = []
-    if len(missing):
-        parts.append(
-            f"{len(missing)} gene(s) of shard 0 are missing "
-            f"({', '.join(map(repr, missing[:5]))}{', ...' if len(missing) > 5 else ''})"
-        )
-    if len(extra):
-        parts.append(
-            f"{len(extra)} gene(s) are not in shard 0 "
-            f"({', '.join(map(repr, extra[:5]))}{', ...' if len(extra) > 5 else ''})"
-        )
-    if not parts and len(ref) != len(other):
-        parts.append(f"it has {len(other)} gene names (with repeats) against {len(ref)}")
-    if not parts:
-        pos = int(np.flatnonzero(ref.to_numpy() != other.to_numpy())[0])
-        parts.append(
-            f"the genes are the same but in another order (first difference at position {pos}: "
-            f"shard 0 has {ref[pos]!r}, this shard has {other[pos]!r})"
-        )
-    return "; ".join(parts)
-
-
 def _check_schema(i: int, path: str, path0: str, var0: pd.Index, cols0: list, var, obs) -> None:
     """Shard ``i`` must have shard 0's genes in the same order and the same obs columns."""
     var_names = pd.Index(var.index.astype(str))
-    if len(var_names) != len(var0) or not (var_names == var0).all():
+    difference = describe_gene_difference(var0, var_names, "shard 0", "this shard")
+    if difference:
         raise ValueError(
             f"Shard {i} ({path!r}) does not have the genes of shard 0 ({path0!r}): "
-            f"{_describe_gene_difference(var0, var_names)}. Every shard needs the same genes in "
-            "the same order; subset and reorder it with adata[:, genes_of_shard_0] before "
-            "writing."
+            f"{difference}. Every shard needs the same genes in the same order; subset and "
+            "reorder it with adata[:, genes_of_shard_0] before writing."
         )
     cols = list(obs.columns)
     missing = [c for c in cols0 if c not in cols]

@@ -160,39 +160,50 @@ def check_matrix_values(
         )
 
 
+def describe_gene_difference(
+    reference: Sequence[str] | pd.Index, other: Sequence[str] | pd.Index,
+    reference_name: str = "the model", other_name: str = "the query",
+) -> str:
+    """How ``other``'s gene names differ from ``reference``'s, for an error message: the
+    missing and the unexpected genes (the first five of each), repeated names, or the first
+    position where the same genes come in another order ("" when they are equal)."""
+    ref, oth = pd.Index(reference), pd.Index(other)
+
+    def first(names: pd.Index) -> str:
+        return ", ".join(map(repr, names[:5])) + (", ..." if len(names) > 5 else "")
+
+    missing = ref.difference(oth, sort=False)
+    extra = oth.difference(ref, sort=False)
+    parts = []
+    if len(missing):
+        parts.append(f"{len(missing)} gene(s) of {reference_name} are missing from "
+                     f"{other_name} ({first(missing)})")
+    if len(extra):
+        parts.append(f"{len(extra)} gene(s) of {other_name} are not in {reference_name} "
+                     f"({first(extra)})")
+    if not parts and len(ref) != len(oth):
+        parts.append(f"{other_name} has {len(oth)} gene names (with repeats) against "
+                     f"{len(ref)}")
+    if not parts and not (ref == oth).all():
+        pos = int(np.flatnonzero(ref.to_numpy() != oth.to_numpy())[0])
+        parts.append(
+            f"the genes are the same but in another order (first difference at position {pos}: "
+            f"{reference_name} has {ref[pos]!r}, {other_name} has {oth[pos]!r})"
+        )
+    return "; ".join(parts)
+
+
 def check_query_genes(reference: Sequence[str] | pd.Index, query: Sequence[str] | pd.Index) -> None:
     """Check that a query has exactly the reference genes in the same order.
 
-    Raises a ``ValueError`` saying which genes are missing, unexpected or reordered.
+    Raises a ``ValueError`` saying which genes are missing, unexpected, repeated or reordered.
     """
-    ref = pd.Index(reference)
-    qry = pd.Index(query)
-    if len(ref) == len(qry) and (ref == qry).all():
-        return
-    missing = ref.difference(qry, sort=False)
-    extra = qry.difference(ref, sort=False)
-    parts = []
-    if len(missing):
-        parts.append(
-            f"{len(missing)} gene(s) of the model are missing from the query "
-            f"({', '.join(map(repr, missing[:5]))}{', ...' if len(missing) > 5 else ''})"
-        )
-    if len(extra):
-        parts.append(
-            f"{len(extra)} gene(s) of the query are unknown to the model "
-            f"({', '.join(map(repr, extra[:5]))}{', ...' if len(extra) > 5 else ''})"
-        )
+    parts = describe_gene_difference(reference, query)
     if not parts:
-        pos = int(np.flatnonzero(ref != qry)[0])
-        parts.append(
-            f"the genes are the same but in another order (first difference at position {pos}: "
-            f"model has {ref[pos]!r}, query has {qry[pos]!r})"
-        )
+        return
     raise ValueError(
-        "The query's genes do not match the model's: "
-        + "; ".join(parts)
-        + ". Subset and reorder the query with adata[:, model.var_names] (after adding any "
-        "missing genes as zero columns)."
+        f"The query's genes do not match the model's: {parts}. Subset and reorder the query "
+        "with adata[:, model.var_names] (after adding any missing genes as zero columns)."
     )
 
 
