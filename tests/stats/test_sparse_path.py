@@ -132,6 +132,26 @@ def test_gram_pca_keeps_precision_for_a_gene_without_zeros():
     np.testing.assert_allclose(p.explained_variance_k.numpy(), s[:3] ** 2 / len(x), rtol=1e-9)
 
 
+def test_gram_pca_of_float32_csr_is_exact_for_the_float32_values():
+    """Non-integer float32 CSR minibatches given to the model directly (log-normalised
+    values, with and without a gene lacking zeros): products and sums are taken in float64,
+    so the spectrum equals the exact one of the float32 values to 1e-9 (float32 accumulation
+    is off by ~1e-6)."""
+    rng = np.random.default_rng(3)
+    x = np.log1p(np.where(rng.random((600, 40)) < 0.15, rng.gamma(2.0, 3.0, (600, 40)), 0.0))
+    for offset_gene in (False, True):
+        if offset_gene:
+            x[:, 0] = 50 + rng.standard_normal(600)
+        x32 = x.astype(np.float32)
+        p = IncrementalPCA([f"g{i}" for i in range(40)], 4, algorithm="gram")
+        for start in range(0, 600, 150):  # float32 torch CSR minibatches, fed directly
+            p(csr_tensor(sp.csr_matrix(x32[start:start + 150]), dtype=torch.float32))
+        xe = x32.astype(np.float64)
+        s = np.linalg.svd(xe - xe.mean(0), compute_uv=False)
+        np.testing.assert_allclose(p.explained_variance_k.numpy(), s[:4] ** 2 / len(x),
+                                   rtol=1e-9)
+
+
 @pytest.mark.parametrize("missing", ["error", "zero"])
 def test_sparse_transform_chain_matches_dense_and_densifies_before_zscore(pair, missing):
     a, _ = pair

@@ -34,7 +34,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from cellsight.data.sparse import csr_to_scipy, is_csr
+from cellsight.data.sparse import csr_to_scipy, csr_with_values, is_csr
 from cellsight.stats.base import StreamingModel, all_gather_stack, all_reduce_sum, world_info
 from cellsight.stats.mean_var import combine_moments
 
@@ -176,10 +176,7 @@ class IncrementalPCA(StreamingModel):
             if self.perform_mean_correction and float(self.x_size) == 0:
                 self.gram_shift_g.copy_(torch.from_numpy(np.asarray(x_sp.mean(0)).ravel()))
             nnz_g = torch.from_numpy(np.bincount(x_sp.indices, minlength=self.n_vars))
-            if bool((nnz_g == n).any()):  # a gene without zeros: shift it exactly
-                self._gram_update_sparse(x_ng.to_dense(), nnz_g, self.gram_shift_g)
-            else:
-                self._gram_add_expanded(x_sp)
+            self._gram_update_sparse(x_sp, nnz_g, self.gram_shift_g)
             self.x_size += n
             return
         if self.perform_mean_correction and float(self.x_size) == 0:
@@ -187,7 +184,7 @@ class IncrementalPCA(StreamingModel):
         c_g = self.gram_shift_g
         nnz_g = (x_ng != 0).sum(0)
         if x_ng.device.type == "cpu" and int(nnz_g.sum()) < SPARSE_DENSITY * x_ng.numel():
-            self._gram_update_sparse(x_ng, nnz_g, c_g)
+            self._gram_update_sparse(_csr(x_ng), nnz_g, c_g)
         else:
             xs_ng = x_ng - c_g
             self.gram_gg.addmm_(xs_ng.T, xs_ng)
@@ -195,7 +192,7 @@ class IncrementalPCA(StreamingModel):
         self.x_size += n
 
     def _gram_update_sparse(
-        self, x_ng: torch.Tensor, nnz_g: torch.Tensor, c_g: torch.Tensor
+        self, x_sp: sp.csr_matrix, nnz_g: torch.Tensor, c_g: torch.Tensor
     ) -> None:
         """``(x - c)^T (x - c)`` of a sparse minibatch in ``O(nnz * g)`` instead of ``n g^2``.
 
@@ -206,23 +203,24 @@ class IncrementalPCA(StreamingModel):
         small spread would lose precision: mean 100, std 0.1) are shifted exactly, in a small
         dense block of their own.
         """
-        n = x_ng.shape[0]
+        n = x_sp.shape[0]
         dense_g = nnz_g == n
-        s_g = x_ng.sum(0)
         if not bool(dense_g.any()):
-            self._gram_add_expanded(_csr(x_ng))
+            self._gram_add_expanded(x_sp)
             return
+        s_g = torch.from_numpy(np.asarray(x_sp.sum(0), dtype=np.float64).ravel())
         d_idx = torch.nonzero(dense_g).flatten()
         s_idx = torch.nonzero(~dense_g).flatten()
         # sparse-gene columns: shift expanded, products from a CSR matrix
-        x_s = _csr(x_ng[:, s_idx])
+        x_s = x_sp[:, s_idx.numpy()]
         c_s, sum_s = c_g[s_idx], s_g[s_idx]
         ss = torch.from_numpy((x_s.T @ x_s).toarray())
         ss += n * torch.outer(c_s, c_s) - torch.outer(c_s, sum_s) - torch.outer(sum_s, c_s)
         self.gram_gg[s_idx[:, None], s_idx[None, :]] += ss
         self.gram_sums_g[s_idx] += sum_s - n * c_s
         if len(d_idx):
-            xd_nd = x_ng[:, d_idx] - c_g[d_idx]  # dense genes, shifted exactly
+            # dense genes, shifted exactly
+            xd_nd = torch.from_numpy(x_sp[:, d_idx.numpy()].toarray()) - c_g[d_idx]
             dd = xd_nd.T @ xd_nd
             self.gram_gg[d_idx[:, None], d_idx[None, :]] += dd
             # cross block: sum_n (x_s - c_s)(x_d - c_d)^T = X_s^T Xd_shifted - c_s (sum Xd_sh)^T
@@ -350,6 +348,8 @@ class IncrementalPCA(StreamingModel):
             x_ng = x_ng.to_dense()
         if not is_csr(x_ng):
             x_ng = x_ng.to(torch.float64)
+        elif x_ng.dtype != torch.float64:  # products and sums in float64, as for dense input
+            x_ng = csr_with_values(x_ng, x_ng.values().to(torch.float64))
         if self.algorithm == "gram":
             self._gram_update(x_ng)
             self.n_updates += 1
