@@ -135,6 +135,36 @@ class BaseModel:
             V.check_matrix_values(
                 adata, self.setup_args_["layer"], require_counts=True, likelihood=lk
             )
+        self._check_libraries(adata, self.setup_args_["layer"])
+
+    #: whether the model scales by each cell's log library size (then an empty cell is an
+    #: error, unless size factors replace the library size; see :meth:`_uses_size_factors`)
+    _needs_library_size = False
+    #: how the user registers size factors for this model (for the empty-cell error)
+    _size_factor_hint = "register size factors"
+
+    def _uses_size_factors(self) -> bool:
+        """Whether registered size factors replace the observed library size."""
+        return False
+
+    def _check_libraries(self, adata: AnnData, layer: str | None) -> None:
+        """Reject cells with zero total counts (in-memory data; shards are checked as they
+        stream) when the model needs a library size."""
+        if not self._needs_library_size or self._uses_size_factors():
+            return
+        if is_sharded(adata) or getattr(adata, "isbacked", False):
+            return
+        totals_n = np.asarray(V.get_matrix(adata, layer).sum(axis=1)).reshape(-1)
+        empty = np.flatnonzero(totals_n <= 0)
+        if len(empty):
+            where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+            raise ValueError(
+                f"{where} has {len(empty)} cell(s) with zero total counts (first "
+                f"{adata.obs_names[empty[0]]!r}); {type(self).__name__} scales by the log "
+                "library size, which is undefined for them. Remove them "
+                "(scanpy.pp.filter_cells(adata, min_counts=1)) or "
+                f"{self._size_factor_hint}."
+            )
 
     # ------------------------------------------------------------------ properties
     @property
@@ -203,6 +233,7 @@ class BaseModel:
         V.check_layer(adata, args["layer"])
         if lk is not None:
             V.check_matrix_values(adata, args["layer"], require_counts=True, likelihood=lk)
+        self._check_libraries(adata, args["layer"])
 
     def _loader(
         self,

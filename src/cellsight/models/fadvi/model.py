@@ -352,29 +352,11 @@ class FADVI(PredictionMixin, ExpressionMixin, InterpretMixin, BaseModel):
         variances = np.array([log_lib_n[codes == b].var() for b in range(n_batch)])
         return means, np.maximum(variances, 1e-4)
 
-    def _check_counts(self, adata: AnnData) -> None:
-        super()._check_counts(adata)
-        self._check_libraries(adata, self.setup_args_["layer"])
+    _needs_library_size = True
+    _size_factor_hint = "register size factors with size_factor_key="
 
-    def _check_counts_with(self, adata: AnnData, args: dict) -> None:
-        super()._check_counts_with(adata, args)
-        self._check_libraries(adata, args["layer"])
-
-    def _check_libraries(self, adata: AnnData, layer: str | None) -> None:
-        if is_sharded(adata) or getattr(adata, "isbacked", False):
-            return
-        if self.setup_args_.get("size_factor_key") is not None:
-            return
-        totals_n = np.asarray(V.get_matrix(adata, layer).sum(axis=1)).reshape(-1)
-        empty = np.flatnonzero(totals_n <= 0)
-        if len(empty):
-            where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-            raise ValueError(
-                f"{where} has {len(empty)} cell(s) with zero total counts (first "
-                f"{adata.obs_names[empty[0]]!r}); FADVI scales by the log library size, which is "
-                "undefined for them. Remove them (scanpy.pp.filter_cells(adata, min_counts=1)) or "
-                "register size factors with size_factor_key=."
-            )
+    def _uses_size_factors(self) -> bool:
+        return self.setup_args_.get("size_factor_key") is not None
 
     def _attribution_targets(self) -> dict:
         return {**super()._attribution_targets(), **FADVI_TARGETS}

@@ -11,8 +11,6 @@ import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS as K
 
-from cellsight.data import validate as V
-from cellsight.data.shards import is_sharded
 from cellsight.interpret.mixin import InterpretMixin
 from cellsight.models.base import BaseModel
 from cellsight.models.expression import ExpressionMixin
@@ -129,29 +127,11 @@ class SCVI(ExpressionMixin, InterpretMixin, BaseModel):
     def _plan_kwargs(self) -> dict[str, Any]:
         return self.module.kl_schedule()
 
-    def _check_counts(self, adata: AnnData) -> None:
-        super()._check_counts(adata)
-        self._check_libraries(adata, self.setup_args_["layer"])
+    _needs_library_size = True
+    _size_factor_hint = "register size factors and pass use_size_factor_key=True"
 
-    def _check_counts_with(self, adata: AnnData, args: dict) -> None:
-        super()._check_counts_with(adata, args)
-        self._check_libraries(adata, args["layer"])
-
-    def _check_libraries(self, adata: AnnData, layer: str | None) -> None:
-        if self.init_params_.get("use_size_factor_key") or getattr(adata, "isbacked", False):
-            return
-        if is_sharded(adata):
-            return  # streamed: the matrix is not in memory
-        totals_n = np.asarray(V.get_matrix(adata, layer).sum(axis=1)).reshape(-1)
-        empty = np.flatnonzero(totals_n <= 0)
-        if len(empty):
-            where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-            raise ValueError(
-                f"{where} has {len(empty)} cell(s) with zero total counts (first "
-                f"{adata.obs_names[empty[0]]!r}); scVI scales by the log library size, which is "
-                "undefined for them. Remove them (scanpy.pp.filter_cells(adata, min_counts=1)) "
-                "or register size factors and pass use_size_factor_key=True."
-            )
+    def _uses_size_factors(self) -> bool:
+        return bool(self.init_params_.get("use_size_factor_key"))
 
     # ------------------------------------------------------------------ helpers
     def _batch_codes(self, transform_batch: Any) -> list[int | None]:
