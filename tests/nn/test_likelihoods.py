@@ -74,3 +74,25 @@ def test_poisson_matches_scvi_tools(rate):
         lambda: Poisson(rate=mu).log_prob(x).sum(-1),
         (mu,),
     )
+
+
+def test_nonzero_flat_equals_torch_nonzero_for_any_layout():
+    from cellsight.nn.zinb_grad import nonzero_flat
+
+    x, _, _, _ = _data(False, 0.5)
+    for t in (x, x.double(), x.T, x[:, ::3]):  # contiguous, float64, transposed, strided
+        assert torch.equal(nonzero_flat(t), torch.nonzero(t.reshape(-1) > 0).reshape(-1))
+    assert nonzero_flat(torch.zeros(3, 4)).numel() == 0
+
+
+def test_lgamma_of_counts_from_the_table_equals_torch_lgamma():
+    from cellsight.nn.zinb_grad import lgamma_counts_plus_1
+
+    counts = torch.tensor([1.0, 2.0, 7.0, 150.0, 4095.0])
+    assert torch.equal(lgamma_counts_plus_1(counts), torch.lgamma(counts + 1))  # the table
+    assert torch.equal(lgamma_counts_plus_1(counts.double()), torch.lgamma(counts.double() + 1))
+    for other in (torch.tensor([1.0, 5000.0]), torch.tensor([0.5, 2.0])):  # evaluated
+        assert torch.equal(lgamma_counts_plus_1(other), torch.lgamma(other + 1))
+    x = counts.clone().requires_grad_()
+    lgamma_counts_plus_1(x).sum().backward()  # a gradient reaches the counts (attributions)
+    torch.testing.assert_close(x.grad, torch.digamma(counts + 1))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cellsight.nn.zinb_grad import ZINBLogLikelihood
+from cellsight.nn.zinb_grad import ZINBLogLikelihood, lgamma_counts_plus_1, nonzero_flat
 
 __all__ = ["nb_log_likelihood_n", "zinb_log_likelihood_n", "zinb_log_likelihood_autograd_n",
            "poisson_log_likelihood_n"]
@@ -27,8 +27,8 @@ _EPS = 1e-8
 
 
 def _nonzero_flat(x_ng: torch.Tensor) -> torch.Tensor:
-    """Flat positions of the non-zero counts (``nonzero`` of a bool mask is the fastest way)."""
-    return torch.nonzero(x_ng.reshape(-1) > 0).reshape(-1)
+    """Flat positions of the non-zero counts (:func:`cellsight.nn.zinb_grad.nonzero_flat`)."""
+    return nonzero_flat(x_ng)
 
 
 def _nonzero_terms(x_ng, mu_ng, theta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,7 +46,7 @@ def _nonzero_terms(x_ng, mu_ng, theta) -> tuple[torch.Tensor, torch.Tensor, torc
         th_v = theta.reshape(-1).index_select(0, flat)
         lgamma_th_v = torch.lgamma(th_v)
     terms_v = x_v * torch.log(mu_ng.reshape(-1).index_select(0, flat) + _EPS)
-    terms_v = terms_v + torch.lgamma(x_v + th_v) - lgamma_th_v - torch.lgamma(x_v + 1)
+    terms_v = terms_v + torch.lgamma(x_v + th_v) - lgamma_th_v - lgamma_counts_plus_1(x_v)
     return flat, rows, terms_v
 
 
@@ -133,5 +133,5 @@ def poisson_log_likelihood_n(x_ng: torch.Tensor, rate_ng: torch.Tensor) -> torch
     g = x_ng.shape[-1]
     flat = _nonzero_flat(x_ng)
     x_v = x_ng.reshape(-1).index_select(0, flat)
-    nz_v = x_v * torch.log(rate_ng.reshape(-1).index_select(0, flat)) - torch.lgamma(x_v + 1)
+    nz_v = x_v * torch.log(rate_ng.reshape(-1).index_select(0, flat)) - lgamma_counts_plus_1(x_v)
     return _row_sum(x_ng.shape[0], flat // g, nz_v) - rate_ng.sum(-1)

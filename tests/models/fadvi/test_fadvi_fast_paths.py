@@ -94,3 +94,61 @@ def test_grad_scale_multiplies_each_heads_input_gradient():
         grads[name] = [t.grad for t in inputs]
     torch.testing.assert_close(grads["scaled"][0], -grads["plain"][0])
     torch.testing.assert_close(grads["scaled"][1], 2.5 * grads["plain"][1])
+
+
+def test_fast_dropout_mask_is_the_comparison_of_15_bit_uniforms_with_the_threshold():
+    from cellsight.models.fadvi.heads import fast_dropout
+
+    x = torch.randn(3, 50, 7)
+    for p in (0.1, 0.5, 0.9):
+        torch.manual_seed(1)
+        out = fast_dropout(x, p)
+        torch.manual_seed(1)  # the same draw, masked by the plain comparison
+        n, threshold = x.numel(), round(p * 2**15)
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_()
+        u = bits.view(torch.int16)[:n] & (2**15 - 1)
+        keep = (u >= threshold).view(x.shape).to(x.dtype)
+        assert torch.equal(out, x * (keep * (2**15 / (2**15 - threshold))))
+
+
+def test_correlation_penalty_equals_half_the_off_block_squared_pearson_sum():
+    import numpy as np
+
+    from cellsight.models.fadvi.module import _correlation_penalty_of
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(200, 9, generator=gen, dtype=torch.float64)
+    z[:, 5] += 0.7 * z[:, 1]  # a cross-block correlation
+    widths = [3, 4, 2]
+    corr = np.corrcoef(z.numpy(), rowvar=False)
+    block = np.repeat(np.arange(3), widths)
+    expected = 0.5 * (corr[block[:, None] != block[None, :]] ** 2).sum()
+    # eps = 0: the plain Pearson correlations (float64, hence the tight tolerance)
+    assert float(_correlation_penalty_of(z, widths, eps=0.0)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_decoder_gets_the_one_hot_batch_and_covariates_scvi_fclayers_would_build():
+    """FADVI's module one-hot encodes the decoder's categoricals itself (cheaper than
+    ``F.one_hot`` inside ``scvi.nn.FCLayers``); the decoder output is bit-for-bit the same."""
+    from scvi import REGISTRY_KEYS as K
+
+    from cellsight.models.fadvi.module import FactorDisentanglementVAE
+    from cellsight.models.scvi.module import SingleCellVariationalInference
+
+    torch.manual_seed(0)
+    module = FactorDisentanglementVAE([f"g{i}" for i in range(20)], n_batch=3, n_labels=2,
+                                      n_classes=2, n_hidden=16, n_cats_per_cov=[4]).eval()
+    n = 12
+    tensors = {K.X_KEY: torch.poisson(torch.rand(n, 20) * 3) + 1,
+               K.BATCH_KEY: torch.randint(0, 3, (n, 1)).float(),
+               K.LABELS_KEY: torch.randint(0, 2, (n, 1)).float(),
+               K.CAT_COVS_KEY: torch.randint(0, 4, (n, 1)).float()}
+    with torch.no_grad():
+        inf = module.inference(**module._get_inference_input(tensors), use_latent_mean=True)
+        gen_in = module._get_generative_input(tensors, inf)
+        ours = module.generative(**gen_in)
+        module._categoricals = lambda b, c: SingleCellVariationalInference._categoricals(
+            module, b, c)
+        ref = module.generative(**gen_in)
+    assert torch.equal(ours["px"].mu, ref["px"].mu)
+    assert torch.equal(ours["zi_logits"], ref["zi_logits"])

@@ -94,10 +94,27 @@ class FADVI(PredictionMixin, ExpressionMixin, InterpretMixin, BaseModel):
       gradients of its inputs in one operation
       (:meth:`~cellsight.models.fadvi.heads.ParallelClassifiers.cross_entropy_g`), and the ZINB
       has a hand-written backward (:mod:`cellsight.nn.zinb_grad`, shared with SCVI): a further 3%
-      (median step 20.4 against 21.0 ms, interleaved, on a loaded machine). About a third of
-      a step is matrix products running at the core's peak (~95 GFLOP/s), the rest some
-      2,000 small operations, most of them transcendental functions over ``cells x genes``
-      (``softplus``, ``log``, ``lgamma``/``digamma`` at the non-zero counts).
+      (median step 20.4 against 21.0 ms, interleaved, on a loaded machine). Then the ZINB
+      finds its non-zero counts with numpy's ``flatnonzero`` (55 against 330 us for
+      ``torch.nonzero`` on 128 x 765 counts) and scatters their terms into the dense matrix
+      it sums anyway (no per-row reductions), reads ``lgamma(x + 1)`` of the counts from a
+      table and takes the fast digamma with five reciprocals (130 against 320 us); dropout
+      builds the same mask from the sign of ``u - threshold``; the module one-hot encodes the
+      decoder's batch itself (``F.one_hot`` inside ``scvi.nn.FCLayers`` checks the codes'
+      range with two host synchronisations); the correlation penalty takes one norm and a
+      cached block mask. A training step fell from 21.0 to 19.4 ms (median of 16
+      interleaved chunks in one process; 20.6 against 17.7 ms alternating whole processes),
+      and the benchmark's CPU time per epoch (gradient reversal) to 0.41-0.44 of ``fadvi``'s
+      measured in the same runs (0.51 under a burst of load; five seeds, load 2-8; it was
+      0.47-0.51), accuracies unchanged within seed noise. What remains: about 40% of a step
+      is matrix products near the core's peak (~7 ms), ~1.7 ms transcendental functions (the
+      ZINB's ``softplus``/``logsigmoid``/``sigmoid``/``log`` over ``cells x genes``,
+      ``lgamma``/``digamma`` at the non-zero counts), ~2 ms elementwise and LayerNorm work
+      over the heads' and encoders' activations, ~1.1 ms Adam. Measured and not adopted: one
+      six-head pass instead of two groups (4.7 against 4.4 ms), a sparse first-layer weight
+      gradient (2.7 against 0.9 ms), numpy's SFC64 generator for the dropout bits (not worth
+      a different random stream). Both the benchmark and the peer use one torch thread, so no
+      OpenMP spin-waiting inflates either's CPU time.
       ``torch.compile`` (inductor, CPU) was measured and is not used: compiling the whole
       loss took 95-120 s (wall) before the first step and ran *slower* (21.8-22.5 against
       17.8 ms a step: inductor's CPU dropout draws its mask element by element, 2-3 ms per
