@@ -252,3 +252,26 @@ def test_restart_ensemble_averages_the_normalised_weights_of_independent_fits(up
     assert df["weight"].sum() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="n_restarts"):
         ensemble_up_feature_weights(CauTrigger1L, adata, n_restarts=0)
+
+
+def test_train_fits_the_gates_to_the_de_prior_of_the_training_cells_by_default(up):
+    from cellsight.models.cautrigger.attention import de_prior
+
+    adata = up.copy()
+    CauTrigger1L.setup_anndata(adata)
+    m = CauTrigger1L(adata, n_latent=4, n_causal=2)
+    m.train(**{**FAST, "max_epochs": 1, "lr": 1e-9})  # lr ~0: the gates stay as pretrained
+    assert m.prior_fitted_ and "pretrain_loss_train" in m.pretrain_history_
+    gates = m.get_model_output()["weights"][0]
+    tr = m.train_indices_
+    x, y = np.asarray(adata.X), adata.obs["labels"].cat.codes.to_numpy()
+    # one gate per feature: set exactly to the prior of the training cells (float32 logits),
+    # not to that of all cells, which has seen the held-out states
+    np.testing.assert_allclose(gates, de_prior(x[tr], y[tr]), atol=1e-4)
+    assert not np.allclose(gates, de_prior(x, y), atol=1e-3)
+    off = CauTrigger1L(adata, n_latent=4, n_causal=2)
+    off.train(prior=None, **{**FAST, "max_epochs": 1, "lr": 1e-9})
+    assert not getattr(off, "prior_fitted_", False)
+    assert np.allclose(off.get_model_output()["weights"], 0.5, atol=1e-4)  # gate_init
+    with pytest.raises(ValueError, match="prior="):
+        off.train(prior="wilcoxon", **FAST)

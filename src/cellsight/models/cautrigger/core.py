@@ -16,6 +16,7 @@ from cellsight.data import registry as R
 from cellsight.data import validate as V
 from cellsight.data.datamodule import AnnDataModule
 from cellsight.models.base import BaseModel
+from cellsight.models.cautrigger.attention import fit_attention_prior
 from cellsight.models.cautrigger.module import DOWN_KEY, LOSS_TERMS, CauTriggerModule
 from cellsight.models.cautrigger.plan import CauTriggerTrainingPlan
 from cellsight.models.cautrigger.weights import resolve_scheme
@@ -187,6 +188,7 @@ class CauTriggerBase(BaseModel):
         weight_scheme: str | dict | None = None,
         im_factor: float | None = None,
         drop_last: int = 10,
+        prior: str | np.ndarray | None = "de",
         **kwargs: Any,
     ) -> pd.DataFrame:
         """Train the model (the seed's arguments; see Notes for the few changed defaults).
@@ -223,6 +225,16 @@ class CauTriggerBase(BaseModel):
         drop_last
             Drop the last training minibatch when it has fewer than this many cells (the
             causal path uses a minibatch mean).
+        prior
+            Prior for the feature gates, fitted before the first training (the seed's
+            ``pretrain_attention`` step, made the default): ``"de"`` (default) is the
+            differential-expression prior ``0.05 + 0.9 (1 - q)`` of the *training* cells
+            (:func:`~cellsight.models.cautrigger.attention.de_prior`), ``"de_rank"`` its
+            rank version, an array a user prior (as ``prior_probs`` of
+            :meth:`pretrain_attention`), ``None`` none. Per-feature gates are set to the prior
+            exactly; the attention network gets :meth:`pretrain_attention`'s 50-epoch fit.
+            Nothing is fitted when :meth:`pretrain_attention` was called or the model was
+            trained before (``train`` again continues).
         kwargs
             :meth:`cellsight.models.base.BaseModel.train` arguments (``seed``,
             ``enable_progress_bar``, ``devices``, ``plan_kwargs``, ...).
@@ -231,7 +243,12 @@ class CauTriggerBase(BaseModel):
         -----
         ``train_size`` defaults to 0.8 (the seed: 1.0) so that the held-out cells can be
         explained by :meth:`get_up_significance`, whose permutation test is calibrated only on
-        cells the model was not fitted on.
+        cells the model was not fitted on (the default DE prior uses the training cells only,
+        for the same reason).
+
+        ``prior="de"`` is the default because it ranked the planted causal features best
+        on the grid of ``benchmarks/cautrigger_grid.py`` (see the class Notes for the
+        numbers); ``prior=None`` restores the seed's behaviour.
         """
         if self.adata is None:
             raise ValueError("This model has no AnnData to train on; load it with adata=.")
@@ -244,13 +261,24 @@ class CauTriggerBase(BaseModel):
         for term, value in base.items():
             if value < 0:
                 raise ValueError(f"{term}_weight={value} must be >= 0.")
+        if isinstance(prior, str) and prior not in ("de", "de_rank"):
+            raise ValueError(f"prior={prior!r}: pass 'de', 'de_rank', None or prior "
+                             "probabilities.")
         self._set_class_weights(im_factor)
         seed = int(kwargs.pop("seed", self.seed))
         dm = AnnDataModule(self.adata_manager, train_size=train_size,
                            validation_size=validation_size, batch_size=batch_size, seed=seed)
         tail = dm.n_train % batch_size
         dm.drop_last = bool(0 < tail < drop_last and dm.n_train > batch_size)
+        if early_stopping and dm.n_validation == 0:
+            raise ValueError("early_stopping needs validation cells; pass train_size < 1.")
         self.train_indices_, self.validation_indices_ = dm.train_indices, dm.validation_indices
+        if prior is not None and not (self.is_trained_ or getattr(self, "prior_fitted_", False)):
+            fit_attention_prior(  # exact for per-feature gates; attention: pretrain's defaults
+                self, None if isinstance(prior, str) else prior, max_epochs=50, lr=1e-3,
+                batch_size=128, use_gpu=use_gpu, train_size=1.0, validation_size=None,
+                prior_cells=dm.train_indices,
+                mapping="rank" if prior == "de_rank" else "fdr", exact=True)
         accelerator, devices = _accelerator(use_gpu)
         accelerator = kwargs.pop("accelerator", accelerator)
         devices = kwargs.pop("devices", devices)
@@ -265,8 +293,6 @@ class CauTriggerBase(BaseModel):
             **(kwargs.pop("plan_kwargs", None) or {}),
         }
         kwargs.setdefault("early_stopping_monitor", "validation_loss")
-        if early_stopping and dm.n_validation == 0:
-            raise ValueError("early_stopping needs validation cells; pass train_size < 1.")
         history = super().train(
             max_epochs=max_epochs, batch_size=batch_size, lr=lr, seed=seed,
             datamodule=dm, plan_kwargs=plan_kwargs, early_stopping=early_stopping,
