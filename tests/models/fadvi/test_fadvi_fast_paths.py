@@ -114,7 +114,7 @@ def test_fast_dropout_mask_is_the_comparison_of_15_bit_uniforms_with_the_thresho
 def test_correlation_penalty_equals_half_the_off_block_squared_pearson_sum():
     import numpy as np
 
-    from cellsight.models.fadvi.module import _correlation_penalty_of
+    from cellsight.models.fadvi.correlation import correlation_penalty_of
 
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(200, 9, generator=gen, dtype=torch.float64)
@@ -124,7 +124,7 @@ def test_correlation_penalty_equals_half_the_off_block_squared_pearson_sum():
     block = np.repeat(np.arange(3), widths)
     expected = 0.5 * (corr[block[:, None] != block[None, :]] ** 2).sum()
     # eps = 0: the plain Pearson correlations (float64, hence the tight tolerance)
-    assert float(_correlation_penalty_of(z, widths, eps=0.0)) == pytest.approx(expected, rel=1e-10)
+    assert float(correlation_penalty_of(z, widths, eps=0.0)) == pytest.approx(expected, rel=1e-10)
 
 
 def test_decoder_gets_the_one_hot_batch_and_covariates_scvi_fclayers_would_build():

@@ -26,19 +26,19 @@ Batches are dicts keyed by ``scvi.REGISTRY_KEYS``; the module never sees AnnData
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scvi import REGISTRY_KEYS as K
 from scvi.module.base import LossOutput
 from scvi.nn import Encoder
 from torch.distributions import Normal, kl_divergence
 
-from cellsight.models.fadvi.heads import FastDropout, ParallelClassifiers
+from cellsight.models.fadvi.correlation import correlation_penalty_of, cross_correlation_penalty
+from cellsight.models.fadvi.encoders import encode_fused, gaussian_params, with_fast_dropout
+from cellsight.models.fadvi.heads import ParallelClassifiers
 from cellsight.models.scvi.module import SingleCellVariationalInference
 from cellsight.nn.layers import norm_placement
 
@@ -51,58 +51,6 @@ _HEAD_SOURCE = {"head_batch": "b", "head_label": "l", "adv_label_from_b": "b",
 _HEAD_TARGET = {"head_batch": "batch", "head_label": "label", "adv_label_from_b": "label",
                 "adv_batch_from_l": "batch", "adv_batch_from_r": "batch",
                 "adv_label_from_r": "label"}
-
-
-def cross_correlation_penalty(*blocks_nk: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Sum over pairs of blocks of the squared Pearson correlations between their columns.
-
-    Each column is centred and divided by its standard deviation over the cells, so the value
-    does not change when a latent is rescaled (the raw cross-covariance the peer penalises can
-    be lowered by shrinking the latents instead of decorrelating them). With ``B`` blocks of
-    widths ``k_1 .. k_B`` the value lies in ``[0, sum_{i<j} k_i k_j]``.
-
-    Parameters
-    ----------
-    blocks_nk
-        Two or more ``(cells, dims)`` tensors over the same cells (at least 2 cells).
-    eps
-        Added to each standard deviation (a constant column then contributes 0).
-    """
-    if blocks_nk[0].shape[0] < 2:
-        return blocks_nk[0].new_zeros(())
-    return _correlation_penalty_of(torch.cat(blocks_nk, -1), [z.shape[-1] for z in blocks_nk], eps)
-
-
-def _correlation_penalty_of(z_nk: torch.Tensor, widths: Sequence[int], eps: float = 1e-6):
-    """:func:`cross_correlation_penalty` of the column blocks (``widths``) of one matrix: one
-    standardisation and one ``k x k`` product, the diagonal blocks masked out by a cached
-    weight matrix (0 on them, 1/2 elsewhere: each pair ``i < j`` appears twice in the full
-    matrix).
-
-    ``zc / (sqrt(n) (std + eps))`` with ``std = |zc| / sqrt(n)`` is ``zc / (|zc| + sqrt(n) eps)``,
-    whose cross-product is the correlation matrix (one norm instead of square, mean and root).
-    """
-    n = z_nk.shape[0]
-    zc = z_nk - z_nk.mean(0, keepdim=True)
-    s_nk = zc / (torch.linalg.vector_norm(zc, dim=0, keepdim=True) + eps * math.sqrt(n))
-    corr_kk = s_nk.T @ s_nk
-    return torch.dot(corr_kk.square().reshape(-1), _half_off_blocks(widths, z_nk).reshape(-1))
-
-
-_OFF_BLOCKS: dict[tuple, torch.Tensor] = {}
-
-
-def _half_off_blocks(widths: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    """``k x k`` matrix: 0 within the diagonal blocks of ``widths``, 1/2 elsewhere (cached per
-    widths, dtype and device)."""
-    key = (tuple(int(w) for w in widths), like.dtype, like.device)
-    mask = _OFF_BLOCKS.get(key)
-    if mask is None:
-        block_k = torch.repeat_interleave(torch.arange(len(widths)), torch.as_tensor(key[0]))
-        off_kk = block_k[:, None] != block_k[None, :]
-        mask = (0.5 * off_kk).to(dtype=like.dtype, device=like.device)
-        _OFF_BLOCKS[key] = mask
-    return mask
 
 
 class FactorDisentanglementVAE(SingleCellVariationalInference):
@@ -227,7 +175,7 @@ class FactorDisentanglementVAE(SingleCellVariationalInference):
         cov_cats = [self.n_batch] + self.n_cats_per_cov
 
         def encoder(n_out: int, covariates: bool, layers: int = n_layers) -> Encoder:
-            return _with_fast_dropout(Encoder(
+            return with_fast_dropout(Encoder(
                 n_genes + (self.n_continuous_cov if covariates else 0),
                 n_out,
                 n_cat_list=cov_cats if covariates else None,
@@ -355,7 +303,7 @@ class FactorDisentanglementVAE(SingleCellVariationalInference):
                               ("r", self.encoder_r)):
                 covariates = self.encode_covariates and name != "b"
                 h_nh = enc.encoder(x_cov, *cats) if covariates else enc.encoder(x_in)
-                params.append(_gaussian(enc, h_nh))
+                params.append(gaussian_params(enc, h_nh))
             loc_nk = torch.cat([p[0] for p in params], -1)
             scale_nk = torch.cat([p[1] for p in params], -1)
         out: dict = {}
@@ -405,43 +353,8 @@ class FactorDisentanglementVAE(SingleCellVariationalInference):
 
     def _encode_fused_nk(self, x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``loc`` and ``scale`` of ``q(z_b, z_l, z_r | x)`` (concatenated), the three encoders
-        run together from their own parameters.
-
-        The first layers (same input) are three matrix products whose outputs are stacked
-        (stacking the three weight matrices instead copies 1.2 MB a step: 2.4 against 2.2 ms
-        for the layer's forward and backward measured alone, within noise in a whole step),
-        the deeper hidden layers one batched product, the LayerNorm (no affine
-        parameters, per encoder and cell), ReLU and dropout one call per layer for all three,
-        and the variance activation one call for the three latents: the same function as three
-        ``scvi.nn.Encoder`` calls with about a third of the kernel launches (the encoders'
-        modules and state dict are unchanged; :meth:`encode_mean` still runs one encoder
-        alone).
-        """
-        encs = (self.encoder_b, self.encoder_l, self.encoder_r)
-        stacks = [enc.encoder.fc_layers for enc in encs]
-        h3_gnh = None
-        for i in range(len(stacks[0])):
-            layers = [stack[i] for stack in stacks]
-            lin = [layer[0] for layer in layers]
-            if i == 0:
-                h3_gnh = torch.stack([F.linear(x_in, m.weight, m.bias) for m in lin])
-            else:
-                w_ghh = torch.stack([m.weight for m in lin]).transpose(1, 2)
-                b_g1h = torch.stack([m.bias for m in lin]).unsqueeze(1)
-                h3_gnh = torch.baddbmm(b_g1h, h3_gnh, w_ghh)
-            norm = layers[0][2]
-            if norm is not None:
-                h3_gnh = F.layer_norm(h3_gnh, norm.normalized_shape, eps=norm.eps)
-            h3_gnh = layers[0][3](h3_gnh)
-            if layers[0][4] is not None:
-                h3_gnh = layers[0][4](h3_gnh)
-        loc_nk = torch.cat([enc.mean_encoder(h3_gnh[g]) for g, enc in enumerate(encs)], -1)
-        act, eps = encs[0].var_activation, encs[0].var_eps
-        if all(enc.var_activation is act and enc.var_eps == eps for enc in encs):
-            v_nk = torch.cat([enc.var_encoder(h3_gnh[g]) for g, enc in enumerate(encs)], -1)
-            return loc_nk, (act(v_nk) + eps).sqrt()
-        scales = [_gaussian(enc, h3_gnh[g])[1] for g, enc in enumerate(encs)]
-        return loc_nk, torch.cat(scales, -1)
+        run together (:func:`~cellsight.models.fadvi.encoders.encode_fused`)."""
+        return encode_fused((self.encoder_b, self.encoder_l, self.encoder_r), x_in)
 
     def encode_mean(self, tensors: dict, name: str) -> torch.Tensor:
         """Posterior mean of one latent (``"b"``, ``"l"`` or ``"r"``), running only its encoder
@@ -583,28 +496,10 @@ class FactorDisentanglementVAE(SingleCellVariationalInference):
         if self.gamma > 0:
             loc_nk = qz.loc
             extra["cross_correlation"] = (
-                _correlation_penalty_of(loc_nk, widths) if loc_nk.shape[0] > 1
+                correlation_penalty_of(loc_nk, widths) if loc_nk.shape[0] > 1
                 else loc_nk.new_zeros(())
             )
             loss = loss + self.gamma * extra["cross_correlation"]
         return LossOutput(
             loss=loss, reconstruction_loss=rec_n, kl_local=kl_local, extra_metrics=extra
         )
-
-
-def _gaussian(enc: Encoder, h_nh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loc, scale)`` of an ``scvi.nn.Encoder``'s Normal from its last hidden layer."""
-    loc = enc.mean_encoder(h_nh)
-    return loc, (enc.var_activation(enc.var_encoder(h_nh)) + enc.var_eps).sqrt()
-
-
-def _with_fast_dropout(module: torch.nn.Module) -> torch.nn.Module:
-    """``module`` with each ``nn.Dropout`` replaced by :class:`~cellsight.models.fadvi.heads.
-    FastDropout` of the same rate (no parameters change; see that module for why)."""
-    for name, child in module.named_children():
-        if isinstance(child, torch.nn.Dropout):
-            setattr(module, name, FastDropout(child.p))
-        else:
-            _with_fast_dropout(child)
-    return module
-

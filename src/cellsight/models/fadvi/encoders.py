@@ -1,0 +1,70 @@
+"""FADVI's encoder helpers: the three encoders in one pass, Gaussian parameters, fast dropout."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from scvi.nn import Encoder
+
+from cellsight.models.fadvi.heads import FastDropout
+
+__all__ = ["encode_fused", "gaussian_params", "with_fast_dropout"]
+
+
+def encode_fused(encs: tuple[Encoder, Encoder, Encoder],
+                 x_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``loc`` and ``scale`` of ``q(z_b, z_l, z_r | x)`` (concatenated), the three encoders
+    run together from their own parameters (``encs``: the ``z_b``, ``z_l``, ``z_r`` encoders).
+
+    The first layers (same input) are three matrix products whose outputs are stacked
+    (stacking the three weight matrices instead copies 1.2 MB a step: 2.4 against 2.2 ms
+    for the layer's forward and backward measured alone, within noise in a whole step),
+    the deeper hidden layers one batched product, the LayerNorm (no affine
+    parameters, per encoder and cell), ReLU and dropout one call per layer for all three,
+    and the variance activation one call for the three latents: the same function as three
+    ``scvi.nn.Encoder`` calls with about a third of the kernel launches (the encoders'
+    modules and state dict are unchanged; ``FactorDisentanglementVAE.encode_mean`` runs one encoder
+    alone).
+    """
+    stacks = [enc.encoder.fc_layers for enc in encs]
+    h3_gnh = None
+    for i in range(len(stacks[0])):
+        layers = [stack[i] for stack in stacks]
+        lin = [layer[0] for layer in layers]
+        if i == 0:
+            h3_gnh = torch.stack([F.linear(x_in, m.weight, m.bias) for m in lin])
+        else:
+            w_ghh = torch.stack([m.weight for m in lin]).transpose(1, 2)
+            b_g1h = torch.stack([m.bias for m in lin]).unsqueeze(1)
+            h3_gnh = torch.baddbmm(b_g1h, h3_gnh, w_ghh)
+        norm = layers[0][2]
+        if norm is not None:
+            h3_gnh = F.layer_norm(h3_gnh, norm.normalized_shape, eps=norm.eps)
+        h3_gnh = layers[0][3](h3_gnh)
+        if layers[0][4] is not None:
+            h3_gnh = layers[0][4](h3_gnh)
+    loc_nk = torch.cat([enc.mean_encoder(h3_gnh[g]) for g, enc in enumerate(encs)], -1)
+    act, eps = encs[0].var_activation, encs[0].var_eps
+    if all(enc.var_activation is act and enc.var_eps == eps for enc in encs):
+        v_nk = torch.cat([enc.var_encoder(h3_gnh[g]) for g, enc in enumerate(encs)], -1)
+        return loc_nk, (act(v_nk) + eps).sqrt()
+    scales = [gaussian_params(enc, h3_gnh[g])[1] for g, enc in enumerate(encs)]
+    return loc_nk, torch.cat(scales, -1)
+
+
+def gaussian_params(enc: Encoder, h_nh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loc, scale)`` of an ``scvi.nn.Encoder``'s Normal from its last hidden layer."""
+    loc = enc.mean_encoder(h_nh)
+    return loc, (enc.var_activation(enc.var_encoder(h_nh)) + enc.var_eps).sqrt()
+
+
+def with_fast_dropout(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with each ``nn.Dropout`` replaced by :class:`~cellsight.models.fadvi.heads.
+    FastDropout` of the same rate (no parameters change; see that module for why)."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.Dropout):
+            setattr(module, name, FastDropout(child.p))
+        else:
+            with_fast_dropout(child)
+    return module
+
