@@ -97,25 +97,6 @@ SCVI_CASES = [
 ]
 
 
-def test_scvi_normalized_expression_samples_and_numpy_match_module_decode(scvi_model):
-    genes = _gene_pos(scvi_model, ["gene2", "gene7"])
-    expected = reference_expression(scvi_model, None, [2], genes, 1e4, n_samples=3, batch_size=25)
-    samples = scvi_model.get_normalized_expression(
-        transform_batch="b2", gene_list=["gene2", "gene7"], library_size=1e4, n_samples=3,
-        return_mean=False, batch_size=25,
-    )
-    assert isinstance(samples, np.ndarray) and samples.shape == (3, 60, 2)
-    np.testing.assert_allclose(samples, expected, rtol=RTOL, atol=0)
-    mean = scvi_model.get_normalized_expression(
-        transform_batch="b2", gene_list=["gene2", "gene7"], library_size=1e4, n_samples=3,
-        return_numpy=True, batch_size=25,
-    )
-    assert isinstance(mean, np.ndarray) and mean.shape == (60, 2)
-    np.testing.assert_allclose(mean, expected.mean(0), rtol=RTOL, atol=0)
-    one = scvi_model.get_normalized_expression(return_numpy=True)
-    np.testing.assert_allclose(one, reference_expression(scvi_model), rtol=RTOL, atol=0)
-
-
 def test_scvi_normalized_expression_errors_name_the_bad_batch_and_genes(scvi_model):
     with pytest.raises(ValueError, match=r"transform_batch='b7' is not a batch of this model; "
                        r"known batches are \['b0', 'b1', 'b2'\]"):
@@ -155,21 +136,26 @@ def test_normalized_expression_frame_matches_module_decode(request, model_name, 
     _check_frame(out, model, expected, kwargs.get("indices"), genes)
 
 
-def test_fadvi_normalized_expression_samples_and_numpy_match_module_decode(fadvi_model):
-    genes = _gene_pos(fadvi_model, ["gene2", "gene7"])
-    expected = reference_expression(fadvi_model, None, [1], genes, 1e4, n_samples=3, batch_size=50)
-    samples = fadvi_model.get_normalized_expression(
-        transform_batch="b1", gene_list=["gene2", "gene7"], library_size=1e4, n_samples=3,
-        return_mean=False, batch_size=50,
-    )
-    assert isinstance(samples, np.ndarray) and samples.shape == (3, 120, 2)
+@pytest.mark.parametrize("model_name,batch,code,batch_size",
+                         [("scvi_model", "b2", 2, 25), ("fadvi_model", "b1", 1, 50)])
+def test_normalized_expression_samples_and_numpy_match_module_decode(
+    request, model_name, batch, code, batch_size
+):
+    model = request.getfixturevalue(model_name)
+    n_cells = model.adata.n_obs
+    genes = _gene_pos(model, ["gene2", "gene7"])
+    expected = reference_expression(model, None, [code], genes, 1e4, n_samples=3,
+                                    batch_size=batch_size)
+    kwargs = dict(transform_batch=batch, gene_list=["gene2", "gene7"], library_size=1e4,
+                  n_samples=3, batch_size=batch_size)
+    samples = model.get_normalized_expression(return_mean=False, **kwargs)
+    assert isinstance(samples, np.ndarray) and samples.shape == (3, n_cells, 2)
     np.testing.assert_allclose(samples, expected, rtol=RTOL, atol=0)
-    mean = fadvi_model.get_normalized_expression(
-        transform_batch="b1", gene_list=["gene2", "gene7"], library_size=1e4, n_samples=3,
-        return_numpy=True, batch_size=50,
-    )
-    assert isinstance(mean, np.ndarray) and mean.shape == (120, 2)
+    mean = model.get_normalized_expression(return_numpy=True, **kwargs)
+    assert isinstance(mean, np.ndarray) and mean.shape == (n_cells, 2)
     np.testing.assert_allclose(mean, expected.mean(0), rtol=RTOL, atol=0)
+    one = model.get_normalized_expression(return_numpy=True)
+    np.testing.assert_allclose(one, reference_expression(model), rtol=RTOL, atol=0)
 
 
 @pytest.mark.parametrize("n_overall", [1, 7, 12])

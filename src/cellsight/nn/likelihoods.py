@@ -26,16 +26,11 @@ __all__ = ["nb_log_likelihood_n", "zinb_log_likelihood_n", "zinb_log_likelihood_
 _EPS = 1e-8
 
 
-def _nonzero_flat(x_ng: torch.Tensor) -> torch.Tensor:
-    """Flat positions of the non-zero counts (:func:`cellsight.nn.zinb_grad.nonzero_flat`)."""
-    return nonzero_flat(x_ng)
-
-
 def _nonzero_terms(x_ng, mu_ng, theta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flat and row index of the non-zero counts, and ``x log(mu + eps)`` plus the lgamma terms
     there."""
     g = x_ng.shape[-1]
-    flat = _nonzero_flat(x_ng)
+    flat = nonzero_flat(x_ng)
     rows = flat // g
     cols = flat - rows * g
     x_v = x_ng.reshape(-1).index_select(0, flat)
@@ -131,7 +126,7 @@ def zinb_log_likelihood_autograd_n(
 def poisson_log_likelihood_n(x_ng: torch.Tensor, rate_ng: torch.Tensor) -> torch.Tensor:
     """``sum_g log Poisson(x | rate)`` per cell."""
     g = x_ng.shape[-1]
-    flat = _nonzero_flat(x_ng)
+    flat = nonzero_flat(x_ng)
     x_v = x_ng.reshape(-1).index_select(0, flat)
     nz_v = x_v * torch.log(rate_ng.reshape(-1).index_select(0, flat)) - lgamma_counts_plus_1(x_v)
     return _row_sum(x_ng.shape[0], flat // g, nz_v) - rate_ng.sum(-1)

@@ -119,11 +119,12 @@ class FADVITrainingPlan(EpochMetricsTrainingPlan):
         return [main, adversary], schedulers
 
     # ------------------------------------------------------------------ manual DDP
-    def _average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Mean of each parameter's gradient over the DDP ranks (one flat all-reduce); a
-        parameter without a gradient on this rank contributes zeros."""
-        if self.trainer.world_size <= 1 or not params:
+    def _average_gradients(self, optimizer) -> None:
+        """Mean of the gradient of each of ``optimizer``'s parameters over the DDP ranks (one
+        flat all-reduce); a parameter without a gradient on this rank contributes zeros."""
+        if self.trainer.world_size <= 1:
             return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         flat = self.trainer.strategy.reduce(flat, reduce_op="mean")
@@ -170,7 +171,7 @@ class FADVITrainingPlan(EpochMetricsTrainingPlan):
         adversary_params = list(module.adversaries.parameters())
         adversary_opt.zero_grad(set_to_none=True)
         self.manual_backward(module.adversary_loss(batch, inference_outputs))
-        self._average_gradients(adversary_params)
+        self._average_gradients(adversary_opt)
         adversary_opt.step()
         # 2. everything else, against the updated adversaries (frozen: no gradient for them)
         for p in adversary_params:
@@ -182,7 +183,7 @@ class FADVITrainingPlan(EpochMetricsTrainingPlan):
                 p.requires_grad_(True)
         main_opt.zero_grad(set_to_none=True)
         self.manual_backward(out.loss)
-        self._average_gradients(self._main_params())
+        self._average_gradients(main_opt)
         main_opt.step()
         self._accumulate("train", out)
         n_batches = self.trainer.num_training_batches
