@@ -254,13 +254,14 @@ def test_restart_ensemble_averages_the_normalised_weights_of_independent_fits(up
         ensemble_up_feature_weights(CauTrigger1L, adata, n_restarts=0)
 
 
-def test_train_fits_the_gates_to_the_de_prior_of_the_training_cells_by_default(up):
+def test_train_prior_de_fits_the_gates_to_the_de_prior_of_the_training_cells(up):
     from cellsight.models.cautrigger.attention import de_prior
 
     adata = up.copy()
     CauTrigger1L.setup_anndata(adata)
     m = CauTrigger1L(adata, n_latent=4, n_causal=2)
-    m.train(**{**FAST, "max_epochs": 1, "lr": 1e-9})  # lr ~0: the gates stay as pretrained
+    # lr ~0: the gates stay as pretrained (the default prior, "pcr": test_cautrigger_priors.py)
+    m.train(prior="de", **{**FAST, "max_epochs": 1, "lr": 1e-9})
     assert m.prior_fitted_ and "pretrain_loss_train" in m.pretrain_history_
     gates = m.get_model_output()["weights"][0]
     tr = m.train_indices_

@@ -15,20 +15,22 @@ seeds took ~85-128 s; 1,000 cells, 15 epochs and 3 seeds take about a third. Wit
 (800, 160 held out) the true features were no longer all found at beta = 2.5, so the effect is
 planted at beta = 3 (each true feature alone still explains little of the state).
 
-Measured (printed with ``pytest -s``) with the default ``train(prior="de")`` (gates set to the
-FDR-mapped DE prior of the 800 training cells; the held-out cells stay unused by every fit),
-seeds 0-2: false-positive rate of the noise features at p < 0.05 of 0.021, 0.011, 0.042 (pooled
-0.025), largest q of a true feature 0.020, 0.040, 0.020; seeds 3 and 4 (not in the test): FPR
-0.042, 0.053, largest q 0.020, 0.067 (seed 4 misses one true feature: p = 0.004, where
-q < 0.05 for all five needs p <= 0.0025; without the prior seed 4 gave FPR 0.084 and
-largest q 0.033). Without the prior (``prior=None``, the
-earlier default) seeds 0-3 gave FPR 0.042, 0.032, 0.053, 0.053 (pooled 0.045) and largest q
-0.020, 0.040, 0.017, 0.033. With session 3's rank prior (``prior="de_rank"``, then fitted for
-50 epochs) seed 1's largest true q was 0.060, which is why the default prior maps q-values
-rather than ranks. The asserts: pooled FPR <= 0.1 over 3 x 95 noise features (binomial sd at
-0.05: 0.013, so 0.1 is ~4 sd above nominal) and all true features at q < 0.05. The seed's
-defaults differ (SHAP, global permutations, 100 of them, all
-cells); why they were changed is in the docstring of ``CauTrigger1L.get_up_significance``.
+Measured (printed with ``pytest -s``) with the default ``train(prior="auto")``: for 1L the
+``"pcr"`` prior (principal-component logistic regression of the 800 training cells), which
+finds no component above the Marchenko-Pastur edge in these independent features and so is
+the FDR DE prior of session 4 (the held-out cells stay unused by every fit). Seeds 0-2:
+false-positive rate of the noise features at p < 0.05 of 0.021, 0.011, 0.042 (pooled 0.025),
+largest q of a true feature 0.020, 0.040, 0.020; seeds 3 and 4 (not in the test): FPR 0.042,
+0.053, largest q 0.020, 0.067 (seed 4 misses one true feature: p = 0.004). Without a prior
+(``prior=None``) seeds 0-3 gave FPR 0.042, 0.032, 0.053, 0.053 and largest q 0.020, 0.040,
+0.017, 0.033. With session 3's rank prior (``prior="de_rank"``, then fitted for 50 epochs)
+seed 1's largest true q was 0.060, which is why the DE prior maps q-values rather than ranks.
+On the planted cascade (strength 3, seeds 0-4, 1L), where the pcr prior does act, the 70
+noise features got p < 0.05 at rates 0.014, 0.029, 0.014, 0.029, 0.029 (the DE prior: 0.014,
+0.071, 0.086, 0.000, 0.200). The asserts: pooled FPR <= 0.1 over 3 x 95 noise features
+(binomial sd at 0.05: 0.013, so 0.1 is ~4 sd above nominal) and all true features at
+q < 0.05. The seed's defaults differ (SHAP, global permutations, 100 of them, all cells);
+why they were changed is in the docstring of ``CauTrigger1L.get_up_significance``.
 """
 
 import numpy as np

@@ -3,7 +3,8 @@
 Simulates 1,000 cells (100 upstream, 50 downstream features; 10 causal upstream features, 20
 spurious ones correlated with the state through a hidden confounder), trains CauTrigger1L
 (upstream -> state) and CauTrigger2L (upstream -> downstream -> state) with their defaults
-(gates first set to the differential-expression prior of the training cells), scores the
+(gates first set to a multivariate prior of the training cells: principal-component
+logistic regression for 1L, the two-stage cascade through the downstream layer for 2L), scores the
 upstream features (``method="Ensemble"``: gates, SHAP and input x gradient of the causal
 path) and prints the AUROC against the planted truth, with a differential-expression
 baseline beside it.
@@ -77,7 +78,7 @@ def run(ctx: DemoContext) -> None:
 - data: `simulate_causal_cascade(causal_strength=3.0, seed={ctx.seed})`: {adata.n_obs} cells,
   {adata.n_vars} upstream features ({int(truth.sum())} causal, the others spurious or noise),
   {adata.obsm['X_down'].shape[1]} downstream features in `obsm['X_down']`
-- training: {epochs} epochs (default DE prior), weights
+- training: {epochs} epochs (default priors: pcr for 1L, cascade for 2L), weights
   `get_up_feature_weights(method="{METHOD}")`
 
 | model | AUROC vs `var['is_causal']` | seconds |

@@ -19,9 +19,12 @@ from cellsight.models.base import BaseModel
 from cellsight.models.cautrigger.attention import fit_attention_prior
 from cellsight.models.cautrigger.module import DOWN_KEY, LOSS_TERMS, CauTriggerModule
 from cellsight.models.cautrigger.plan import CauTriggerTrainingPlan
+from cellsight.models.cautrigger.priors import cascade_prior, pcr_prior
 from cellsight.models.cautrigger.weights import resolve_scheme
 
-__all__ = ["CauTriggerBase"]
+__all__ = ["CauTriggerBase", "PRIORS"]
+
+PRIORS = ("de", "de_rank", "cascade", "pcr")  # named gate priors of train(prior=...), or "auto"
 
 
 def _accelerator(use_gpu: Any) -> tuple[str, Any]:
@@ -43,6 +46,7 @@ class CauTriggerBase(BaseModel):
     _plan_cls = CauTriggerTrainingPlan
     _requires_counts = False
     _two_layer = False
+    _default_prior = "pcr"  # what train(prior="auto") uses (CauTrigger2L: "cascade")
 
     # ------------------------------------------------------------------ set-up
     @classmethod
@@ -188,7 +192,7 @@ class CauTriggerBase(BaseModel):
         weight_scheme: str | dict | None = None,
         im_factor: float | None = None,
         drop_last: int = 10,
-        prior: str | np.ndarray | None = "de",
+        prior: str | np.ndarray | None = "auto",
         **kwargs: Any,
     ) -> pd.DataFrame:
         """Train the model (the seed's arguments; see Notes for the few changed defaults).
@@ -227,11 +231,17 @@ class CauTriggerBase(BaseModel):
             causal path uses a minibatch mean).
         prior
             Prior for the feature gates, fitted before the first training (the seed's
-            ``pretrain_attention`` step, made the default): ``"de"`` (default) is the
-            differential-expression prior ``0.05 + 0.9 (1 - q)`` of the *training* cells
+            ``pretrain_attention`` step, made the default), always from the *training* cells
+            only: ``"auto"`` (default) is ``"cascade"`` for :class:`CauTrigger2L` and
+            ``"pcr"`` for :class:`CauTrigger1L`; ``"cascade"`` (2L only) the
+            two-stage linear score through the downstream layer
+            (:func:`~cellsight.models.cautrigger.priors.cascade_prior`); ``"pcr"``
+            principal-component logistic regression on the upstream features
+            (:func:`~cellsight.models.cautrigger.priors.pcr_prior`); ``"de"`` the
+            differential-expression prior ``0.05 + 0.9 (1 - q)``
             (:func:`~cellsight.models.cautrigger.attention.de_prior`), ``"de_rank"`` its
-            rank version, an array a user prior (as ``prior_probs`` of
-            :meth:`pretrain_attention`), ``None`` none. Per-feature gates are set to the prior
+            rank version; an array a user prior (as ``prior_probs`` of
+            :meth:`pretrain_attention`); ``None`` none. Per-feature gates are set to the prior
             exactly; the attention network gets :meth:`pretrain_attention`'s 50-epoch fit.
             Nothing is fitted when :meth:`pretrain_attention` was called or the model was
             trained before (``train`` again continues).
@@ -243,12 +253,12 @@ class CauTriggerBase(BaseModel):
         -----
         ``train_size`` defaults to 0.8 (the seed: 1.0) so that the held-out cells can be
         explained by :meth:`get_up_significance`, whose permutation test is calibrated only on
-        cells the model was not fitted on (the default DE prior uses the training cells only,
+        cells the model was not fitted on (every named prior uses the training cells only,
         for the same reason).
 
-        ``prior="de"`` is the default because it ranked the planted causal features best
-        on the grid of ``benchmarks/cautrigger_grid.py`` (see the class Notes for the
-        numbers); ``prior=None`` restores the seed's behaviour.
+        The default priors are the ones that ranked the planted causal features best on the
+        grid of ``benchmarks/cautrigger_grid.py`` (see the class Notes for the numbers);
+        ``prior=None`` restores the seed's behaviour.
         """
         if self.adata is None:
             raise ValueError("This model has no AnnData to train on; load it with adata=.")
@@ -261,9 +271,17 @@ class CauTriggerBase(BaseModel):
         for term, value in base.items():
             if value < 0:
                 raise ValueError(f"{term}_weight={value} must be >= 0.")
-        if isinstance(prior, str) and prior not in ("de", "de_rank"):
-            raise ValueError(f"prior={prior!r}: pass 'de', 'de_rank', None or prior "
+        if isinstance(prior, str) and prior == "auto":
+            prior = self._default_prior
+        if isinstance(prior, str) and prior not in PRIORS:
+            raise ValueError(f"prior={prior!r}: pass one of {list(PRIORS)}, None or prior "
                              "probabilities.")
+        if isinstance(prior, str) and prior == "cascade" and not self._two_layer:
+            raise ValueError(
+                "prior='cascade' needs the downstream layer (obsm X_down) of CauTrigger2L; "
+                f"{type(self).__name__} has none. Use prior='auto' ({self._default_prior!r}, "
+                "the 1L default), another named prior or None."
+            )
         self._set_class_weights(im_factor)
         seed = int(kwargs.pop("seed", self.seed))
         dm = AnnDataModule(self.adata_manager, train_size=train_size,
@@ -274,11 +292,15 @@ class CauTriggerBase(BaseModel):
             raise ValueError("early_stopping needs validation cells; pass train_size < 1.")
         self.train_indices_, self.validation_indices_ = dm.train_indices, dm.validation_indices
         if prior is not None and not (self.is_trained_ or getattr(self, "prior_fitted_", False)):
+            probs = prior  # named priors: from the training cells only
+            if isinstance(prior, str):
+                probs = self._multivariate_prior(prior, dm.train_indices)
             fit_attention_prior(  # exact for per-feature gates; attention: pretrain's defaults
-                self, None if isinstance(prior, str) else prior, max_epochs=50, lr=1e-3,
+                self, probs, max_epochs=50, lr=1e-3,
                 batch_size=128, use_gpu=use_gpu, train_size=1.0, validation_size=None,
                 prior_cells=dm.train_indices,
-                mapping="rank" if prior == "de_rank" else "fdr", exact=True)
+                mapping="rank" if isinstance(prior, str) and prior == "de_rank" else "fdr",
+                exact=True)
         accelerator, devices = _accelerator(use_gpu)
         accelerator = kwargs.pop("accelerator", accelerator)
         devices = kwargs.pop("devices", devices)
@@ -300,6 +322,18 @@ class CauTriggerBase(BaseModel):
         )
         self._set_spurious_mean()
         return history
+
+    def _multivariate_prior(self, prior: str, cells: np.ndarray) -> np.ndarray | None:
+        """The ``"cascade"`` / ``"pcr"`` prior of ``cells`` (:mod:`.priors`); ``None`` for the
+        DE priors, which :func:`.attention.fit_attention_prior` computes itself."""
+        if prior not in ("cascade", "pcr"):
+            return None
+        arr = self._arrays()
+        idx = np.asarray(cells)
+        x, y = arr[K.X_KEY].numpy()[idx], arr[K.LABELS_KEY].reshape(-1).numpy()[idx]
+        if prior == "pcr":
+            return pcr_prior(x, y)
+        return cascade_prior(x, arr[DOWN_KEY].numpy()[idx], y, seed=self.seed)
 
     def _set_class_weights(self, im_factor: float | None) -> None:
         y = self._arrays()[K.LABELS_KEY].reshape(-1).long()

@@ -49,13 +49,17 @@ class CauTrigger1L(CauTriggerBase):
 
     Notes
     -----
-    :meth:`train` first sets the gates to a differential-expression prior of its training
-    cells (``prior="de"``, the default; the seed's separate ``pretrain_attention`` step made
-    automatic), and ``get_up_feature_weights(method="Ensemble")`` is the recommended ranking.
-    On the planted-truth grid of ``benchmarks/cautrigger_grid.py`` (2 strengths x 2 dropout
-    rates x 5 seeds) the mean AUROC / AUPR of the 1L Ensemble is 0.919 / 0.735 with the prior
-    and 0.889 (SHAP) without it (``prior=None``); the random forest baseline reaches 0.925 /
-    0.793, a DE t-test 0.900 / 0.713.
+    :meth:`train` first sets the gates to a prior of its training cells (``prior="auto"``,
+    the default: for 1L ``"pcr"``, principal-component logistic regression of the state on
+    the features averaged over the number of components,
+    :func:`~cellsight.models.cautrigger.priors.pcr_prior`; the seed's separate
+    ``pretrain_attention`` step made automatic), and
+    ``get_up_feature_weights(method="Ensemble")`` is the recommended ranking. On the
+    planted-truth grid of ``benchmarks/cautrigger_grid.py`` (2 strengths x 2 dropout rates x
+    5 seeds) the mean AUROC / AUPR of the 1L Ensemble is 0.959 / 0.820 with it (held-out
+    data-set seeds 5-9: 0.916 / 0.767, random forest 0.853 / 0.738), 0.919 / 0.735
+    with the DE prior (``prior="de"``) and 0.889 (SHAP) without a prior (``prior=None``); the
+    random forest baseline reaches 0.925 / 0.793, a DE t-test 0.900 / 0.713.
 
     Feature scores (:meth:`get_up_feature_weights`) explain the causal-path probability of
     each cell's state through the engine :mod:`cellsight.interpret`; significance
@@ -78,9 +82,9 @@ class CauTrigger1L(CauTriggerBase):
     ) -> pd.DataFrame:
         """Fit the feature gates (or the attention network) to prior probabilities.
 
-        :meth:`train` does this itself with the DE prior of its training cells
-        (``prior="de"``, the default; with one gate per feature it sets the gates to the
-        prior exactly, the minimum of this fit's loss); call this method for the seed's
+        :meth:`train` does this itself with a prior of its training cells (``prior="auto"``,
+        the default, or ``"de"``; with one gate per feature it sets the gates to the prior
+        exactly, the minimum of this fit's loss); call this method for the seed's
         gradient fit, e.g. of the attention network, or another prior. Its default prior uses
         the states of all cells, held-out ones included, so the held-out cells that
         :meth:`get_up_significance` explains are no longer unseen (its permutation test may
@@ -345,17 +349,22 @@ class CauTrigger2L(CauTrigger1L):
 
     Notes
     -----
-    :meth:`train` first sets the gates to the differential-expression prior of its training
-    cells (``prior="de"``, the default), and ``get_up_feature_weights(method="Ensemble")`` is
-    the recommended ranking. On the planted-truth grid of ``benchmarks/cautrigger_grid.py``
-    (20 data sets) the mean AUROC / AUPR of the 2L Ensemble is 0.922 / 0.748 with the prior and
-    0.893 / 0.741 with the seed's behaviour (``prior=None``); the random forest baseline
-    reaches 0.925 / 0.793. The upstream reconstruction weight does not matter once the prior
-    is set (``up_weight=0.1``: 0.919 / 0.751 against 0.920 / 0.748 at the default 1.0, with
-    the prior's earlier 50-epoch fit), so the seed's ``up_weight=1`` is kept.
+    :meth:`train` first sets the gates to the cascade prior of its training cells
+    (``prior="auto"``, the default, is ``"cascade"``:
+    :func:`~cellsight.models.cautrigger.priors.cascade_prior`, a two-stage linear fit
+    state ~ downstream, downstream ~ upstream, that keeps upstream features reaching the state
+    only through the downstream features the state reads), and
+    ``get_up_feature_weights(method="Ensemble")`` is the recommended ranking. On the
+    planted-truth grid of ``benchmarks/cautrigger_grid.py`` (20 data sets) the mean AUROC /
+    AUPR of the 2L Ensemble is 0.965 / 0.861 with it, 0.922 / 0.748 with the DE prior
+    (``prior="de"``) and 0.893 / 0.741 with the seed's behaviour (``prior=None``); the random
+    forest baseline reaches 0.925 / 0.793. The upstream reconstruction weight did not matter
+    with the DE prior (``up_weight=0.1`` against 1.0: 0.919 / 0.751 against 0.920 / 0.748),
+    so the seed's ``up_weight=1`` is kept.
     """
 
     _two_layer = True
+    _default_prior = "cascade"
 
     def get_2to1_ig(
         self,
