@@ -271,12 +271,13 @@ class CauTriggerBase(BaseModel):
         for term, value in base.items():
             if value < 0:
                 raise ValueError(f"{term}_weight={value} must be >= 0.")
-        if isinstance(prior, str) and prior == "auto":
-            prior = self._default_prior
-        if isinstance(prior, str) and prior not in PRIORS:
+        named = prior if isinstance(prior, str) else None  # None: an array or no prior
+        if named == "auto":
+            prior = named = self._default_prior
+        if named is not None and named not in PRIORS:
             raise ValueError(f"prior={prior!r}: pass one of {list(PRIORS)}, None or prior "
                              "probabilities.")
-        if isinstance(prior, str) and prior == "cascade" and not self._two_layer:
+        if named == "cascade" and not self._two_layer:
             raise ValueError(
                 "prior='cascade' needs the downstream layer (obsm X_down) of CauTrigger2L; "
                 f"{type(self).__name__} has none. Use prior='auto' ({self._default_prior!r}, "
@@ -292,14 +293,12 @@ class CauTriggerBase(BaseModel):
             raise ValueError("early_stopping needs validation cells; pass train_size < 1.")
         self.train_indices_, self.validation_indices_ = dm.train_indices, dm.validation_indices
         if prior is not None and not (self.is_trained_ or getattr(self, "prior_fitted_", False)):
-            probs = prior  # named priors: from the training cells only
-            if isinstance(prior, str):
-                probs = self._multivariate_prior(prior, dm.train_indices)
+            # named priors: from the training cells only
+            probs = prior if named is None else self._multivariate_prior(named, dm.train_indices)
             fit_attention_prior(  # exact for per-feature gates; attention: pretrain's defaults
                 self, probs, max_epochs=50, lr=1e-3,
                 batch_size=128, use_gpu=use_gpu, train_size=1.0, validation_size=None,
-                prior_cells=dm.train_indices,
-                mapping="rank" if isinstance(prior, str) and prior == "de_rank" else "fdr",
+                prior_cells=dm.train_indices, mapping="rank" if named == "de_rank" else "fdr",
                 exact=True)
         accelerator, devices = _accelerator(use_gpu)
         accelerator = kwargs.pop("accelerator", accelerator)
