@@ -129,3 +129,13 @@ def test_cascade_prior_needs_the_downstream_layer(cascade):
         cascade_scores(x, d[:-1], y)
     with pytest.raises(ValueError, match="at least 2 cells"):
         cascade_scores(x[:5], d[:5], np.array([0, 0, 0, 0, 1]))
+
+
+def test_a_user_prior_array_sets_the_gates(cascade):
+    up, x, _, _ = cascade
+    adata = up.copy()
+    CauTrigger1L.setup_anndata(adata)
+    m = CauTrigger1L(adata, n_latent=4, n_causal=2)
+    user = np.linspace(0.1, 0.9, x.shape[1])
+    m.train(prior=user, **FAST)
+    np.testing.assert_allclose(m.get_model_output()["weights"][0], user, atol=1e-4)
