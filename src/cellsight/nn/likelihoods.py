@@ -18,7 +18,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cellsight.nn.zinb_grad import ZINBLogLikelihood, lgamma_counts_plus_1, nonzero_flat
+from cellsight.nn.zinb_grad import (
+    ZINBLogLikelihood,
+    gather_nonzero,
+    lgamma_counts_plus_1,
+    nonzero_flat,
+)
 
 __all__ = ["nb_log_likelihood_n", "zinb_log_likelihood_n", "zinb_log_likelihood_autograd_n",
            "poisson_log_likelihood_n"]
@@ -29,17 +34,8 @@ _EPS = 1e-8
 def _nonzero_terms(x_ng, mu_ng, theta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flat and row index of the non-zero counts, and ``x log(mu + eps)`` plus the lgamma terms
     there."""
-    g = x_ng.shape[-1]
-    flat = nonzero_flat(x_ng)
-    rows = flat // g
-    cols = flat - rows * g
-    x_v = x_ng.reshape(-1).index_select(0, flat)
-    if theta.dim() == 1:
-        th_v = theta.index_select(0, cols)
-        lgamma_th_v = torch.lgamma(theta).index_select(0, cols)
-    else:
-        th_v = theta.reshape(-1).index_select(0, flat)
-        lgamma_th_v = torch.lgamma(th_v)
+    flat, _, x_v, th_v, lgamma_th_v = gather_nonzero(x_ng, theta)
+    rows = flat // x_ng.shape[-1]
     terms_v = x_v * torch.log(mu_ng.reshape(-1).index_select(0, flat) + _EPS)
     terms_v = terms_v + torch.lgamma(x_v + th_v) - lgamma_th_v - lgamma_counts_plus_1(x_v)
     return flat, rows, terms_v

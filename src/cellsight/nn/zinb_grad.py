@@ -40,7 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ZINBLogLikelihood", "digamma_from_1", "lgamma_counts_plus_1", "nonzero_flat"]
+__all__ = ["ZINBLogLikelihood", "digamma_from_1", "gather_nonzero", "lgamma_counts_plus_1",
+           "nonzero_flat"]
 
 _EPS = 1e-8
 _TABLE_SIZE = 4096
@@ -57,6 +58,22 @@ def nonzero_flat(x: torch.Tensor) -> torch.Tensor:
     if flat_x.device.type == "cpu":
         return torch.from_numpy(np.flatnonzero(flat_x.numpy() > 0).astype(np.int64, copy=False))
     return torch.nonzero(flat_x > 0).reshape(-1)
+
+
+def gather_nonzero(x_ng: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What the gamma-function terms need at the non-zero counts of ``x_ng`` ``(n, g)``:
+    ``(flat, cols, x_v, theta_v, lgamma_theta_v)``, with ``flat`` their flat positions,
+    ``cols`` their genes (``None`` unless ``theta`` is per gene, ``(g,)``), and the counts,
+    ``theta`` and ``lgamma(theta)`` there (a per-gene ``theta``'s lgamma is taken once per
+    gene, then picked)."""
+    flat = nonzero_flat(x_ng)
+    x_v = x_ng.reshape(-1).index_select(0, flat)
+    if theta.dim() == 1:
+        cols = flat % x_ng.shape[-1]
+        return flat, cols, x_v, theta.index_select(0, cols), torch.lgamma(theta).index_select(
+            0, cols)
+    th_v = theta.reshape(-1).index_select(0, flat)
+    return flat, None, x_v, th_v, torch.lgamma(th_v)
 
 
 def lgamma_counts_plus_1(x_v: torch.Tensor) -> torch.Tensor:
@@ -101,22 +118,12 @@ class ZINBLogLikelihood(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_ng, mu_ng, theta, zi_ng):
-        g = x_ng.shape[-1]
-        per_gene = theta.dim() == 1
         theta_e = theta + _EPS
         tm_ng = mu_ng + theta_e  # theta + mu + eps
         t_ng = torch.log(tm_ng)
         lth = torch.log(theta_e)
         a_ng = (lth - t_ng).mul_(theta).sub_(zi_ng)
-        flat = nonzero_flat(x_ng)
-        cols = flat % g if per_gene else None
-        x_v = x_ng.reshape(-1).index_select(0, flat)
-        if per_gene:
-            th_v = theta.index_select(0, cols)
-            lgamma_th_v = torch.lgamma(theta).index_select(0, cols)
-        else:
-            th_v = theta.reshape(-1).index_select(0, flat)
-            lgamma_th_v = torch.lgamma(th_v)
+        flat, cols, x_v, th_v, lgamma_th_v = gather_nonzero(x_ng, theta)
         mu_v = mu_ng.reshape(-1).index_select(0, flat)
         # at a non-zero count: x (log(mu + eps) - log(theta + mu + eps)) + the lgamma terms
         # + a - softplus(a), the last being logsigmoid(a)
