@@ -139,3 +139,22 @@ def test_a_user_prior_array_sets_the_gates(cascade):
     user = np.linspace(0.1, 0.9, x.shape[1])
     m.train(prior=user, **FAST)
     np.testing.assert_allclose(m.get_model_output()["weights"][0], user, atol=1e-4)
+
+
+def test_cascade_reports_unconverged_fits_once(cascade, monkeypatch):
+    """Fits that stop early give one summary warning, not one per lasso."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LassoCV
+    from sklearn.model_selection import KFold
+
+    from cellsight.models.cautrigger import priors
+
+    _, x, d, y = cascade
+    monkeypatch.setattr(priors, "_lasso_cv", lambda: LassoCV(cv=KFold(3), max_iter=1, tol=1e-12))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cascade_scores(x, d, y)
+    slow = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+    assert len(slow) == 1 and "stopped before converging" in str(slow[0].message)

@@ -10,9 +10,11 @@ features that do drive the state are in the model.
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import numpy as np
 from scipy import stats
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LassoCV, LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import KFold, StratifiedKFold
 from sklearn.utils.extmath import randomized_svd
@@ -114,12 +116,27 @@ def cascade_scores(x_ng: np.ndarray, d_nd: np.ndarray, y_n: np.ndarray,
         )
     x, d = _standardise(x_ng), _standardise(d_nd)
     c_d = np.zeros(d.shape[1])
-    for c in states[1:] if len(states) == 2 else states:  # two states: one fit is enough
-        lr = _l1_logistic_cv(seed, n_fold).fit(d, (y_n == c).astype(int))
-        c_d = np.maximum(c_d, np.abs(lr.coef_[0]))
-    b_gd = np.zeros((x.shape[1], d.shape[1]))
-    for j in np.flatnonzero(c_d):
-        b_gd[:, j] = _lasso_cv().fit(x, d[:, j]).coef_
+    with warnings.catch_warnings(record=True) as caught:  # one summary, not one per fit
+        warnings.simplefilter("always", ConvergenceWarning)
+        for c in states[1:] if len(states) == 2 else states:  # two states: one fit is enough
+            lr = _l1_logistic_cv(seed, n_fold).fit(d, (y_n == c).astype(int))
+            c_d = np.maximum(c_d, np.abs(lr.coef_[0]))
+        b_gd = np.zeros((x.shape[1], d.shape[1]))
+        for j in np.flatnonzero(c_d):
+            b_gd[:, j] = _lasso_cv().fit(x, d[:, j]).coef_
+    n_slow = 0
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            n_slow += 1
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if n_slow:
+        warnings.warn(
+            f"cascade_scores: {n_slow} of the cross-validated lasso / L1-logistic fits (over "
+            f"{len(np.flatnonzero(c_d))} downstream features) stopped before converging; the "
+            "scores are approximate. With many cells and features prior='pcr' is much faster.",
+            ConvergenceWarning, stacklevel=2,
+        )
     return np.abs(b_gd) @ c_d, c_d, b_gd
 
 
