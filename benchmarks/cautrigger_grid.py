@@ -50,7 +50,10 @@ Session-5 variants (same grid unless said):
   the average over k: Ensemble 0.953 / 0.818 (seeds 5-9: 0.892 / 0.749, (1.5, 0.3) 0.750;
   prior alone 0.948, seeds 5-9 0.859), so the average was kept; mapped as the mean with the
   DE prior (CV k): 0.940 / 0.775. 2L with ``prior="pcr"`` (upstream only, CV k): Ensemble
-  0.954 / 0.817 against the cascade's 0.965 / 0.861; the geometric mean of the k-averaged
+  0.954 / 0.817 against the cascade's 0.965 / 0.861; with the final k-averaged pcr 0.958 /
+  0.819 (seeds 5-9: 0.919 / 0.772 against 0.942 / 0.820), so the cascade stays the 2L default
+  despite its cost (one CV lasso per used downstream feature: 169 s at 3,000 x 500 x 300
+  features against pcr's 0.3 s); the geometric mean of the k-averaged
   pcr and the cascade priors: 0.966 / 0.850 (Model 0.983 / 0.913), no gain for the Ensemble.
 * 1L priors that failed offline (prior alone, training cells; DE 0.901): DE on log1p of
   library-normalised counts 0.902, Wilcoxon FDR 0.901, min of t and Wilcoxon p 0.903, mean of

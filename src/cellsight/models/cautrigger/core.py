@@ -235,7 +235,10 @@ class CauTriggerBase(BaseModel):
             only: ``"auto"`` (default) is ``"cascade"`` for :class:`CauTrigger2L` and
             ``"pcr"`` for :class:`CauTrigger1L`; ``"cascade"`` (2L only) the
             two-stage linear score through the downstream layer
-            (:func:`~cellsight.models.cautrigger.priors.cascade_prior`); ``"pcr"``
+            (:func:`~cellsight.models.cautrigger.priors.cascade_prior`; one cross-validated
+            lasso per downstream feature the state uses: minutes with thousands of cells and
+            hundreds of features, where ``"pcr"`` takes a second, see :class:`CauTrigger2L`);
+            ``"pcr"``
             principal-component logistic regression on the upstream features
             (:func:`~cellsight.models.cautrigger.priors.pcr_prior`); ``"de"`` the
             differential-expression prior ``0.05 + 0.9 (1 - q)``
