@@ -83,14 +83,11 @@ class PriorPlan(pl.LightningModule):
 
 
 def fit_attention_prior(model, prior_probs, *, max_epochs, lr, batch_size, use_gpu,
-                        train_size, validation_size, prior_cells=None,
-                        mapping: str = "fdr", exact: bool = False) -> pd.DataFrame:
-    """See :meth:`cellsight.models.CauTrigger1L.pretrain_attention`.
-
-    ``prior_cells``: positions of the cells whose states the default (DE) prior may use (all
-    cells if ``None``); ``train(prior="de")`` passes its training cells, so that the held-out
-    cells explained by ``get_up_significance`` stay unused by every fit.
-    """
+                        train_size, validation_size, exact: bool = False) -> pd.DataFrame:
+    """See :meth:`cellsight.models.CauTrigger1L.pretrain_attention` (``prior_probs=None``:
+    the DE prior of all cells). ``exact``: set per-feature gates to the prior itself (the
+    minimum of the fit's loss) instead of fitting them; ``train(prior=...)`` passes it with
+    the prior of its training cells."""
     from cellsight.models.cautrigger.core import _accelerator
 
     if model.adata is None:
@@ -98,9 +95,7 @@ def fit_attention_prior(model, prior_probs, *, max_epochs, lr, batch_size, use_g
     arrays = model._arrays()
     n, g = arrays[K.X_KEY].shape
     if prior_probs is None:
-        cells = slice(None) if prior_cells is None else np.asarray(prior_cells)
-        prior_probs = de_prior(arrays[K.X_KEY].numpy()[cells],
-                               arrays[K.LABELS_KEY].reshape(-1).numpy()[cells], mapping)
+        prior_probs = de_prior(arrays[K.X_KEY].numpy(), arrays[K.LABELS_KEY].reshape(-1).numpy())
     prior = np.asarray(prior_probs, dtype=np.float32)
     if prior.shape == (g,):
         prior = np.broadcast_to(prior, (n, g))

@@ -16,7 +16,7 @@ from cellsight.data import registry as R
 from cellsight.data import validate as V
 from cellsight.data.datamodule import AnnDataModule
 from cellsight.models.base import BaseModel
-from cellsight.models.cautrigger.attention import fit_attention_prior
+from cellsight.models.cautrigger.attention import de_prior, fit_attention_prior
 from cellsight.models.cautrigger.module import DOWN_KEY, LOSS_TERMS, CauTriggerModule
 from cellsight.models.cautrigger.plan import CauTriggerTrainingPlan
 from cellsight.models.cautrigger.priors import cascade_prior, pcr_prior
@@ -297,11 +297,10 @@ class CauTriggerBase(BaseModel):
         self.train_indices_, self.validation_indices_ = dm.train_indices, dm.validation_indices
         if prior is not None and not (self.is_trained_ or getattr(self, "prior_fitted_", False)):
             # named priors: from the training cells only
-            probs = prior if named is None else self._multivariate_prior(named, dm.train_indices)
+            probs = prior if named is None else self._named_prior(named, dm.train_indices)
             fit_attention_prior(  # exact for per-feature gates; attention: pretrain's defaults
                 self, probs, max_epochs=50, lr=1e-3,
                 batch_size=128, use_gpu=use_gpu, train_size=1.0, validation_size=None,
-                prior_cells=dm.train_indices, mapping="rank" if named == "de_rank" else "fdr",
                 exact=True)
         accelerator, devices = _accelerator(use_gpu)
         accelerator = kwargs.pop("accelerator", accelerator)
@@ -325,17 +324,17 @@ class CauTriggerBase(BaseModel):
         self._set_spurious_mean()
         return history
 
-    def _multivariate_prior(self, prior: str, cells: np.ndarray) -> np.ndarray | None:
-        """The ``"cascade"`` / ``"pcr"`` prior of ``cells`` (:mod:`.priors`); ``None`` for the
-        DE priors, which :func:`.attention.fit_attention_prior` computes itself."""
-        if prior not in ("cascade", "pcr"):
-            return None
+    def _named_prior(self, prior: str, cells: np.ndarray) -> np.ndarray:
+        """The named prior (one of ``PRIORS``) of ``cells``: :mod:`.priors` or
+        :func:`.attention.de_prior`."""
         arr = self._arrays()
         idx = np.asarray(cells)
         x, y = arr[K.X_KEY].numpy()[idx], arr[K.LABELS_KEY].reshape(-1).numpy()[idx]
         if prior == "pcr":
             return pcr_prior(x, y)
-        return cascade_prior(x, arr[DOWN_KEY].numpy()[idx], y, seed=self.seed)
+        if prior == "cascade":
+            return cascade_prior(x, arr[DOWN_KEY].numpy()[idx], y, seed=self.seed)
+        return de_prior(x, y, mapping="rank" if prior == "de_rank" else "fdr")
 
     def _set_class_weights(self, im_factor: float | None) -> None:
         y = self._arrays()[K.LABELS_KEY].reshape(-1).long()
