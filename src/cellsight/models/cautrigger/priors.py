@@ -236,7 +236,8 @@ def pcr_scores(x_ng: np.ndarray, y_n: np.ndarray) -> tuple[np.ndarray, list[int]
     return (s_g / len(ks) if ks else s_g), ks
 
 
-def map_scores(s_g: np.ndarray, de_g: np.ndarray, mapping: str | None = None) -> np.ndarray:
+def map_scores(s_g: np.ndarray, de_g: np.ndarray | None,
+               mapping: str | None = None) -> np.ndarray:
     """Map non-negative feature scores ``s_g`` to a prior in (0.05, 0.95).
 
     Parameters
@@ -245,7 +246,8 @@ def map_scores(s_g: np.ndarray, de_g: np.ndarray, mapping: str | None = None) ->
         Scores, larger = more likely causal.
     de_g
         The FDR DE prior of :func:`~cellsight.models.cautrigger.attention.de_prior` of the
-        same cells (used by the ``*_de`` mappings and when every score is 0).
+        same cells (used by the ``*_de`` mappings and when every score is 0; may be ``None``
+        otherwise).
     mapping
         ``None``: ``DEFAULT_MAPPING`` (``"scaled"``); ``"scaled"``: ``0.05 + 0.9 s_g / max s``;
         ``"rank"``: ``0.05 + 0.9`` times the rank of ``s_g`` over the number of features (ties
@@ -271,12 +273,20 @@ def cascade_prior(x_ng: np.ndarray, d_nd: np.ndarray, y_n: np.ndarray,
                   mapping: str | None = None, seed: int = 0) -> np.ndarray:
     """The prior of ``train(prior="cascade")``: :func:`cascade_scores` mapped by
     :func:`map_scores` (one value per upstream feature, in (0.05, 0.95))."""
-    s_g = cascade_scores(x_ng, d_nd, y_n, seed)[0]
-    return map_scores(s_g, de_prior(x_ng, y_n), mapping)
+    return _map_with_de(cascade_scores(x_ng, d_nd, y_n, seed)[0], x_ng, y_n, mapping)
 
 
 def pcr_prior(x_ng: np.ndarray, y_n: np.ndarray, mapping: str | None = None) -> np.ndarray:
     """The prior of ``train(prior="pcr")``: :func:`pcr_scores` mapped by :func:`map_scores`
     (one value per feature, in (0.05, 0.95)); the FDR DE prior when no principal component
     stands out of noise (every score 0)."""
-    return map_scores(pcr_scores(x_ng, y_n)[0], de_prior(x_ng, y_n), mapping)
+    return _map_with_de(pcr_scores(x_ng, y_n)[0], x_ng, y_n, mapping)
+
+
+def _map_with_de(s_g: np.ndarray, x_ng: np.ndarray, y_n: np.ndarray,
+                 mapping: str | None) -> np.ndarray:
+    """:func:`map_scores`, with the DE prior of the same cells computed only when the mapping
+    or an all-zero score needs it."""
+    mapping = DEFAULT_MAPPING if mapping is None else mapping
+    needs_de = mapping in ("mean_de", "max_de") or not s_g.max() > 0
+    return map_scores(s_g, de_prior(x_ng, y_n) if needs_de else None, mapping)
