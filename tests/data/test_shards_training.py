@@ -3,11 +3,11 @@
 import lightning.pytorch as pl
 import numpy as np
 import pytest
-import torch
 from shard_helpers import FileRecorder, cut, mouse_cells, read_recorded, write_shards
 
 from cellsight.data import ShardedDataModule, read_shards
 from cellsight.train import TrainingPlan, fit
+from parity import assert_same_order_training_parity
 from toymodel import ToyModel, ToyModule
 
 N = 300
@@ -30,10 +30,6 @@ def _pair(data, seed=0):
     return ToyModel(mem, seed=seed), ToyModel(stub, seed=seed), mem, stub
 
 
-def _weights(model):
-    return {k: v.clone() for k, v in model.module.state_dict().items()}
-
-
 def test_a_model_trains_from_shards_with_no_code_change(data):
     _, m_sh, mem, stub = _pair(data)
     before = m_sh.get_rates()
@@ -52,15 +48,7 @@ def test_training_from_shards_gives_the_in_memory_weights_for_the_same_cell_orde
     """With one-cell blocks and buffers the shard stream is the in-memory permutation, so the
     same seed gives bit-identical weights."""
     m_mem, m_sh, _, stub = _pair(data)
-    kw = dict(max_epochs=3, batch_size=32, lr=1e-2, enable_progress_bar=False)
-    m_mem.train(train_size=0.9, **kw)
-    dm = ShardedDataModule(stub, m_sh.adata_manager, batch_size=32, train_size=0.9, seed=0,
-                           block_size=1, buffer_blocks=1)
-    m_sh.train(datamodule=dm, **kw)
-    w_mem, w_sh = _weights(m_mem), _weights(m_sh)
-    for key in w_mem:
-        assert torch.equal(w_mem[key], w_sh[key]), key
-    assert m_mem.history.equals(m_sh.history)
+    assert_same_order_training_parity(m_mem, m_sh, stub)
 
 
 def test_default_block_shuffle_trains_to_a_comparable_loss(data):

@@ -15,9 +15,10 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from cellsight.data import ShardedDataModule, read_shards
+from cellsight.data import read_shards
 from cellsight.models import FADVI
 from cellsight.models.fadvi.data import pbmc_with_batches
+from parity import assert_same_order_training_parity
 
 SMALL = dict(n_hidden=16, n_latent_b=4, n_latent_l=4, n_latent_r=2)
 SETUP = dict(batch_key="batch", labels_key="labels_observed")
@@ -127,14 +128,4 @@ def test_training_from_shards_gives_the_in_memory_weights_for_the_same_cell_orde
     ``tests/data/test_shards_training.py``): the minibatches hold the same float32 values, and
     dropout, the training split and the shuffles draw the same random numbers."""
     m_mem, m_sh, _, stub = _pair(data)
-    kw = dict(max_epochs=3, batch_size=32, lr=1e-2, enable_progress_bar=False)
-    m_mem.train(train_size=0.9, **kw)
-    dm = ShardedDataModule(stub, m_sh.adata_manager, batch_size=32, train_size=0.9, seed=0,
-                           block_size=1, buffer_blocks=1)
-    m_sh.train(datamodule=dm, **kw)
-    np.testing.assert_array_equal(np.sort(m_mem.train_indices_), np.sort(dm.train_indices))
-    w_mem, w_sh = m_mem.module.state_dict(), m_sh.module.state_dict()
-    assert list(w_mem) == list(w_sh)
-    for key in w_mem:
-        assert torch.equal(w_mem[key], w_sh[key]), key
-    assert m_mem.history.equals(m_sh.history)
+    assert_same_order_training_parity(m_mem, m_sh, stub)
