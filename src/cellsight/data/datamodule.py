@@ -7,6 +7,7 @@ import numpy as np
 from scvi.data import AnnDataManager
 
 from cellsight.data.loaders import TensorBatchLoader, registry_arrays, split_indices
+from cellsight.data.validate import check_batch_size
 
 __all__ = ["AnnDataModule"]
 
@@ -46,6 +47,7 @@ class AnnDataModule(pl.LightningDataModule):
         validation_indices: np.ndarray | None = None,
     ) -> None:
         super().__init__()
+        batch_size = check_batch_size(batch_size)
         self.arrays = registry_arrays(manager)
         n = manager.adata.n_obs
         if train_indices is None:

@@ -98,6 +98,18 @@ def shadow_anndata(adata: AnnData) -> AnnData:
     return shadow
 
 
+def _label_hint(setup_args: dict[str, Any]) -> dict[str, str]:
+    """For models with unlabelled cells: how to give a query without labels."""
+    unlabeled = setup_args.get("unlabeled_category")
+    key = setup_args.get("labels_key")
+    if key is None or unlabeled is None:
+        return {}
+    return {"labels_key": (
+        f"For cells without labels (e.g. a query to predict) fill it with the unlabelled "
+        f"category: adata.obs[{key!r}] = {unlabeled!r}."
+    )}
+
+
 def validate_anndata(adata: AnnData, setup_args: dict[str, Any]) -> None:
     """Structural checks shared by every model: emptiness, names, keys, finite values."""
     if not isinstance(adata, AnnData):
@@ -117,6 +129,7 @@ def validate_anndata(adata: AnnData, setup_args: dict[str, Any]) -> None:
             "categorical_covariate_keys": setup_args["categorical_covariate_keys"],
             "continuous_covariate_keys": setup_args["continuous_covariate_keys"],
         },
+        hints=_label_hint(setup_args),
     )
     for key in (setup_args["batch_key"], setup_args["labels_key"]):
         if key is not None and adata.obs[key].isna().any():

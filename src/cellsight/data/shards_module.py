@@ -22,6 +22,7 @@ from cellsight.data.shards_loader import (
     batch_code_array,
     obs_arrays,
 )
+from cellsight.data.validate import cell_positions, check_batch_size
 
 __all__ = ["ShardedDataModule", "sharded_inference_loader"]
 
@@ -172,7 +173,7 @@ class ShardedDataModule(pl.LightningDataModule):
             )
         self.n_train = len(self.train_indices)
         self.n_validation = len(self.validation_indices)
-        self.batch_size = int(batch_size)
+        self.batch_size = check_batch_size(batch_size)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
         self.num_workers = int(num_workers)
@@ -234,9 +235,7 @@ def sharded_inference_loader(
     ``indices``, no rank split, moved to ``device``.
     """
     n = stub.n_obs
-    idx = np.arange(n) if indices is None else np.asarray(indices)
-    if idx.dtype == bool:
-        idx = np.flatnonzero(idx)
+    idx = cell_positions(indices, n)
     dataset = ShardedDataset(
         _reader(stub, manager, require_counts, likelihood),
         obs_arrays(stub.obs, manager),

@@ -22,8 +22,59 @@ __all__ = [
     "check_query_genes",
     "check_known_categories",
     "check_continuous_obs",
+    "cell_positions",
+    "check_batch_size",
     "get_matrix",
 ]
+
+
+def cell_positions(indices, n_obs: int, name: str = "indices") -> np.ndarray:
+    """The cell positions ``indices`` selects, as int64 (``None``: all ``n_obs`` cells).
+
+    ``indices`` is a boolean mask of length ``n_obs`` or integer positions in
+    ``[0, n_obs)``, in any order, repeats allowed. Anything else (a mask of another length,
+    negative or out-of-range positions, floats, names) is a ``ValueError`` or ``TypeError``
+    that says what was given.
+    """
+    if indices is None:
+        return np.arange(n_obs, dtype=np.int64)
+    if isinstance(indices, (str, bytes)):
+        raise TypeError(f"{name}={indices!r} must be integer positions or a boolean mask, "
+                        "not a string; use adata.obs_names.get_indexer(names) for names.")
+    idx = np.asarray(indices)
+    if idx.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional (got shape {idx.shape}).")
+    if idx.dtype == bool:
+        if idx.shape[0] != n_obs:
+            raise ValueError(
+                f"{name} is a boolean mask of length {idx.shape[0]} for {n_obs} cells; "
+                "a mask needs one entry per cell."
+            )
+        return np.flatnonzero(idx).astype(np.int64)
+    if idx.size == 0:
+        return idx.astype(np.int64)
+    if not np.issubdtype(idx.dtype, np.integer):
+        raise TypeError(
+            f"{name} must be integer positions or a boolean mask (got dtype {idx.dtype}); "
+            "use adata.obs_names.get_indexer(names) for cell names."
+        )
+    bad = (idx < 0) | (idx >= n_obs)
+    if bad.any():
+        raise ValueError(
+            f"{name} has {int(bad.sum())} position(s) outside [0, {n_obs}) (first: "
+            f"{int(idx[bad][0])}); positions count cells from 0 and must be below the "
+            "number of cells."
+        )
+    return idx.astype(np.int64)
+
+
+def check_batch_size(batch_size, name: str = "batch_size", minimum: int = 1) -> int:
+    """``batch_size`` as an int ``>= minimum``; ``bool`` and non-integers are a ``TypeError``."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise TypeError(f"{name}={batch_size!r} must be an integer >= {minimum}.")
+    if batch_size < minimum:
+        raise ValueError(f"{name}={batch_size} must be >= {minimum}.")
+    return int(batch_size)
 
 
 def check_not_empty(adata: AnnData) -> None:
@@ -49,24 +100,39 @@ def check_unique_var_names(var_names: Sequence[str] | pd.Index) -> None:
         )
 
 
-def check_obs_keys(adata: AnnData, keys: dict[str, str | Sequence[str] | None]) -> None:
+def check_obs_keys(
+    adata: AnnData,
+    keys: dict[str, str | Sequence[str] | None],
+    hints: dict[str, str] | None = None,
+) -> None:
     """Check that every requested ``adata.obs`` column exists.
 
     Parameters
     ----------
     keys
-        Argument name -> column name(s) (``None`` entries are skipped).
+        Argument name -> column name (or a list of names for ``*_keys`` arguments; ``None``
+        entries are skipped). A name that is not a string is a ``TypeError``.
+    hints
+        Argument name -> extra advice appended to its missing-column message.
     """
     for arg, value in keys.items():
         if value is None:
             continue
-        names = [value] if isinstance(value, str) else list(value)
+        if isinstance(value, str):
+            names = [value]
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            names = list(value)
+        else:
+            want = "a list of obs column names" if arg.endswith("_keys") else "an obs column name"
+            raise TypeError(f"{arg}={value!r} must be {want} (str).")
         for name in names:
             if name not in adata.obs.columns:
                 cols = list(adata.obs.columns)
+                hint = (hints or {}).get(arg, "")
                 raise ValueError(
                     f"{arg}={name!r} is not a column of adata.obs (columns: {cols[:20]}"
                     f"{' ...' if len(cols) > 20 else ''}); add the column or pass an existing key."
+                    + (f" {hint}" if hint else "")
                 )
 
 
@@ -116,6 +182,7 @@ def check_matrix_values(
     *,
     require_counts: bool,
     likelihood: str | None = None,
+    purpose: str | None = None,
 ) -> None:
     """Reject NaN/inf, and (for count likelihoods) negative or non-integer values.
 
@@ -128,22 +195,35 @@ def check_matrix_values(
     require_counts
         Whether the model's likelihood needs raw integer counts.
     likelihood
-        Name of the likelihood, used in messages.
+        Name of the model's likelihood, used in messages (which then suggest
+        ``gene_likelihood='normal'`` for normalised data).
+    purpose
+        What needs the counts, for messages of a computation that is not a model (e.g.
+        ``"Seurat v3 highly variable gene selection"``); overrides ``likelihood``.
     """
     x = get_matrix(adata, layer)
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     if getattr(adata, "isbacked", False) and layer is None:
         return  # backed data is validated per chunk by the streaming loaders
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None and not np.issubdtype(dtype, np.number) and dtype != np.bool_:
+        raise TypeError(
+            f"{where} has dtype {dtype}, not numbers; convert it first, e.g. "
+            f"{where} = {where}.astype(np.float32) (check for strings in the matrix)."
+        )
     with np.errstate(invalid="ignore"):
         n, cell, gene = _first_bad(adata, x, lambda a: ~np.isfinite(a))
     if n:
         raise ValueError(
             f"{where} has {n} NaN or infinite value(s) (first at cell {cell!r}, gene {gene!r}); "
-            "remove or impute them before setting up the model."
+            "remove or impute them first."
         )
     if not require_counts:
         return
-    lk = f"the {likelihood!r} likelihood" if likelihood else "this model"
+    if purpose is not None:
+        lk, likelihood = purpose, None
+    else:
+        lk = f"the {likelihood!r} likelihood" if likelihood else "this model"
     n, cell, gene = _first_bad(adata, x, lambda a: a < 0)
     if n:
         raise ValueError(

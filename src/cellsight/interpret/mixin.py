@@ -23,6 +23,7 @@ import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 
+from cellsight.data.validate import cell_positions
 from cellsight.interpret.attribute import attribute
 from cellsight.interpret.rank import rank_features as _rank_features
 from cellsight.interpret.significance import permutation_test, sign_test
@@ -62,8 +63,7 @@ class InterpretMixin:
         fixed = tuple(torch.cat([b[k] for b in batches]) for k in keys)
         obs = manager.adata.obs_names
         if indices is not None:
-            idx = np.asarray(indices)
-            obs = obs[np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64)]
+            obs = obs[cell_positions(indices, len(obs))]
         return x, keys, fixed, pd.Index(obs)
 
     def _resolve_target(
@@ -257,7 +257,7 @@ class InterpretMixin:
             if groupby not in obs:
                 raise ValueError(f"groupby={groupby!r} is not an obs column of the AnnData.")
             col = obs[groupby]
-            groupby = col.to_numpy() if indices is None else col.to_numpy()[np.asarray(indices)]
+            groupby = col.to_numpy()[cell_positions(indices, len(col))]
         var_names = None if isinstance(attributions, pd.DataFrame) else self.var_names
         return _rank_features(attributions, var_names, groupby, top_n=top_n)
 

@@ -25,7 +25,7 @@ from cellsight.data.datamodule import AnnDataModule
 from cellsight.data.loaders import TensorBatchLoader, registry_arrays
 from cellsight.data.shards import is_sharded
 from cellsight.data.shards_module import ShardedDataModule, sharded_inference_loader
-from cellsight.train import TrainingPlan, fit
+from cellsight.train import TrainingPlan, check_fit_args, check_lr, fit
 
 __all__ = ["BaseModel"]
 
@@ -206,8 +206,7 @@ class BaseModel:
         names = pd.Index((self.adata if adata is None else adata).obs_names)
         if indices is None:
             return names
-        idx = np.asarray(indices)
-        return names[np.flatnonzero(idx) if idx.dtype == bool else idx]
+        return names[V.cell_positions(indices, len(names))]
 
     def _manager_for(self, adata: AnnData | None):
         """The AnnDataManager for ``adata``, validated against the model's registry."""
@@ -244,21 +243,19 @@ class BaseModel:
         """Ordered (unshuffled) minibatches for inference, moved to the module's device."""
         manager = self._manager_for(adata)
         data = self.adata if adata is None else adata
+        batch_size = 1024 if batch_size is None else V.check_batch_size(batch_size)
         if is_sharded(data):  # stream the shards; the same minibatch dicts
             lk = self._count_likelihood()
             return sharded_inference_loader(
-                data, manager, indices, batch_size or 1024, device=self.device,
+                data, manager, indices, batch_size, device=self.device,
                 require_counts=lk is not None, likelihood=lk,
             )
         arrays = registry_arrays(manager)
         n = manager.adata.n_obs
-        idx = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
-        if idx.dtype == bool:
-            idx = np.flatnonzero(idx)
         return TensorBatchLoader(
             arrays,
-            idx,
-            batch_size=batch_size or 1024,
+            V.cell_positions(indices, n),
+            batch_size=batch_size,
             shuffle=False,
             distributed=False,
             device=self.device,
@@ -337,6 +334,8 @@ class BaseModel:
         seed = self.seed if seed is None else int(seed)
         if max_epochs is None:
             max_epochs = self._default_max_epochs()
+        check_fit_args(max_epochs, devices)
+        check_lr(lr)
         if datamodule is None:
             if self.adata is None:
                 raise ValueError(

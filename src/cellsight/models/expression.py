@@ -23,6 +23,8 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
+from cellsight.models.checks import check_int
+
 __all__ = ["ExpressionMixin"]
 
 
@@ -70,15 +72,22 @@ class ExpressionMixin:
     ) -> pd.DataFrame | np.ndarray:
         """``get_normalized_expression`` (arguments as there; ``n_samples_overall`` as FADVI's).
 
-        Errors are raised in the order: ``transform_batch``, ``gene_list``,
-        ``n_samples_overall``. Sampling is seeded with the model's seed; with several batch
-        codes every code decodes fresh posterior samples, in order.
+        Errors are raised in the order: ``library_size``, ``n_samples``, ``transform_batch``,
+        ``gene_list``, ``n_samples_overall``. Sampling is seeded with the model's seed; with
+        several batch codes every code decodes fresh posterior samples, in order.
         """
+        if library_size != "latent" and (
+                isinstance(library_size, bool) or not isinstance(library_size, (int, float))
+                or not np.isfinite(library_size) or library_size <= 0):
+            raise ValueError(
+                f"library_size={library_size!r} must be a positive number (1: frequencies, "
+                "1e4: counts per 10,000) or 'latent' (each cell's own library size)."
+            )
+        check_int(n_samples, "n_samples")
         codes = self._batch_codes(transform_batch)
         genes = self._gene_positions(gene_list)
         if n_samples_overall is not None:
-            if int(n_samples_overall) < 1:
-                raise ValueError(f"n_samples_overall={n_samples_overall} must be >= 1.")
+            check_int(n_samples_overall, "n_samples_overall")
             n_cells = len(self._obs_names(adata, indices))
             n_samples = max(1, int(n_samples_overall) // max(n_cells, 1) + 1)
             return_mean = False

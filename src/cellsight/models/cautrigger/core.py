@@ -21,6 +21,7 @@ from cellsight.models.cautrigger.module import DOWN_KEY, LOSS_TERMS, CauTriggerM
 from cellsight.models.cautrigger.plan import CauTriggerTrainingPlan
 from cellsight.models.cautrigger.priors import cascade_prior, pcr_prior
 from cellsight.models.cautrigger.weights import resolve_scheme
+from cellsight.train import check_fit_args, check_lr
 
 __all__ = ["CauTriggerBase", "PRIORS"]
 
@@ -79,6 +80,33 @@ class CauTriggerBase(BaseModel):
         if not self._two_layer:
             return []
         return [scvi_fields.ObsmField(DOWN_KEY, self.setup_args_["down_key"])]
+
+    def _check_counts_with(self, adata: AnnData, args: dict) -> None:
+        """Query checks: the base class's, plus (2L) the downstream matrix: present, finite,
+        as many columns as the model's downstream features and, where the query names its
+        columns (DataFrame columns or ``uns[down_key + "_feature"]``), the same names in the
+        same order."""
+        super()._check_counts_with(adata, args)
+        if not self._two_layer:
+            return
+        key = args.get("down_key", DOWN_KEY)
+        _check_down(adata, key)
+        model_names = self.down_feature_names
+        d = adata.obsm[key]
+        if d.shape[1] != len(model_names):
+            raise ValueError(
+                f"adata.obsm[{key!r}] has {d.shape[1]} columns but the model was set up with "
+                f"{len(model_names)} downstream features; pass the same downstream features, in "
+                f"the same order ({model_names[:3]} ...)."
+            )
+        names = list(d.columns) if hasattr(d, "columns") else (
+            list(adata.uns[f"{key}_feature"]) if f"{key}_feature" in adata.uns else None)
+        if names is not None and [str(n) for n in names] != model_names:
+            diff = V.describe_gene_difference(model_names, [str(n) for n in names])
+            raise ValueError(
+                f"The downstream features of adata.obsm[{key!r}] differ from the model's: {diff}. "
+                "Reorder or subset the columns to the model's down_feature_names."
+            )
 
     def __init__(
         self,
@@ -265,6 +293,8 @@ class CauTriggerBase(BaseModel):
         """
         if self.adata is None:
             raise ValueError("This model has no AnnData to train on; load it with adata=.")
+        check_fit_args(max_epochs, kwargs.get("devices", 1))
+        check_lr(lr)
         for name, value in (("n_x", n_x), ("n_alpha", n_alpha), ("n_beta", n_beta)):
             if value < 1:
                 raise ValueError(f"{name}={value} must be at least 1.")
@@ -369,8 +399,7 @@ class CauTriggerBase(BaseModel):
         y = None if y is None else y.reshape(-1).long()
         names = (self.adata if adata is None else adata).obs_names
         if indices is not None:
-            idx = np.asarray(indices)
-            names = names[np.flatnonzero(idx) if idx.dtype == bool else idx]
+            names = names[V.cell_positions(indices, len(names))]
         return xt, y, pd.Index(names), arr
 
     def _check_trained(self) -> None:

@@ -67,7 +67,10 @@ def _targets(model, y: torch.Tensor | None, class_idx: int | None, xt: torch.Ten
     n_state = model.module.n_state
     if class_idx is not None:
         if not -n_state <= int(class_idx) < n_state:
-            raise ValueError(f"class_idx={class_idx} is outside 0..{n_state - 1}.")
+            raise ValueError(
+                f"class_idx={class_idx} is not a state index: use 0..{n_state - 1} (or "
+                f"-{n_state}..-1, counted from the last state)."
+            )
         return int(class_idx) % n_state
     if y is not None and (y >= 0).all() and (y < n_state).all():
         return y.numpy()

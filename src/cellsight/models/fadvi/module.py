@@ -36,6 +36,7 @@ from scvi.module.base import LossOutput
 from scvi.nn import Encoder
 from torch.distributions import Normal, kl_divergence
 
+from cellsight.models.checks import check_int
 from cellsight.models.fadvi.correlation import correlation_penalty_of, cross_correlation_penalty
 from cellsight.models.fadvi.encoders import encode_fused, gaussian_params, with_fast_dropout
 from cellsight.models.fadvi.heads import ParallelClassifiers
@@ -137,8 +138,8 @@ class FactorDisentanglementVAE(SingleCellVariationalInference):
     ) -> None:
         dims = {"n_latent_b": n_latent_b, "n_latent_l": n_latent_l, "n_latent_r": n_latent_r}
         for name, k in dims.items():
-            if int(k) < 1:
-                raise ValueError(f"{name}={k} must be >= 1.")
+            check_int(k, name)
+        check_int(n_hidden_head, "n_hidden_head", allow_none=True)
         weights = dict(beta=beta, lambda_b=lambda_b, lambda_l=lambda_l, alpha_bl=alpha_bl,
                        alpha_lb=alpha_lb, alpha_rb=alpha_rb, alpha_rl=alpha_rl, gamma=gamma)
         for name, w in weights.items():

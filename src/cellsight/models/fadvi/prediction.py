@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
+from cellsight.data.validate import cell_positions
 from cellsight.interpret.rank import rank_features as _rank_features
 
 __all__ = ["PredictionMixin"]
@@ -148,6 +149,6 @@ class PredictionMixin:
             if groupby not in obs:
                 raise ValueError(f"groupby={groupby!r} is not an obs column of the AnnData.")
             col = obs[groupby].to_numpy()
-            groupby = col if indices is None else col[np.asarray(indices)]
+            groupby = col[cell_positions(indices, len(col))]
         var_names = None if isinstance(attributions, pd.DataFrame) else self.var_names
         return _rank_features(attributions, var_names, groupby, top_n=top_n)

@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from cellsight.models.checks import check_choice, check_fraction, check_int
 
-__all__ = ["network_config", "check_choice", "check_fraction", "check_module_args"]
+__all__ = ["network_config", "check_choice", "check_fraction", "check_int", "check_module_args"]
 
 LIKELIHOODS = ("nb", "zinb", "poisson")
 DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
 LATENTS = ("normal", "ln")
 
 _NET_KEYS = ("n_hidden", "n_layers", "dropout_rate", "hidden_layers", "final_layer")
-
-
-def check_choice(value: Any, allowed: tuple, name: str) -> None:
-    """Raise a ``ValueError`` unless ``value`` is one of ``allowed``."""
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}.")
-
-
-def check_fraction(value: float, name: str, *, upper_open: bool = True) -> None:
-    """Raise a ``ValueError`` unless ``0 <= value < 1`` (``<= 1`` with ``upper_open=False``)."""
-    ok = 0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0
-    if not ok:
-        bound = "[0, 1)" if upper_open else "[0, 1]"
-        raise ValueError(f"{name}={value} must be in {bound}.")
 
 
 def network_config(
@@ -50,6 +36,9 @@ def network_config(
         Defaults.
     """
     if config is None:
+        check_int(n_hidden, "n_hidden")
+        check_int(n_layers, "n_layers")
+        check_fraction(dropout_rate, "dropout_rate")
         return n_hidden, n_layers, dropout_rate
     if not isinstance(config, dict):
         raise ValueError(f"{name} must be a dict or None, got {type(config).__name__}.")
@@ -108,8 +97,7 @@ def check_module_args(
     check_choice(latent_distribution, LATENTS, "latent_distribution")
     check_fraction(input_gene_dropout_rate, "input_gene_dropout_rate")
     check_fraction(kl_annealing_start, "kl_annealing_start", upper_open=False)
-    if n_latent < 1:
-        raise ValueError(f"n_latent={n_latent} must be >= 1.")
+    check_int(n_latent, "n_latent")
     if z_kl_weight_max < 0 or batch_kl_weight_max < 0:
         raise ValueError("z_kl_weight_max and batch_kl_weight_max must be >= 0.")
     if not batch_embedded:

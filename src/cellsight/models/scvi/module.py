@@ -27,6 +27,7 @@ from scvi.module.base import BaseModuleClass, LossOutput
 from scvi.nn import DecoderSCVI, Encoder
 from torch.distributions import Distribution, Normal, kl_divergence
 
+from cellsight.models.checks import check_int
 from cellsight.models.scvi.config import check_module_args, network_config
 from cellsight.models.scvi.reconstruct import reconstruct_counts
 from cellsight.nn.flows import FlowPrior
@@ -156,6 +157,8 @@ class SingleCellVariationalInference(BaseModuleClass):
             batch_representation_sampled=batch_representation_sampled,
             n_latent_batch=n_latent_batch,
         )
+        check_int(kl_warmup_epochs, "kl_warmup_epochs", 0, allow_none=True)
+        check_int(kl_warmup_steps, "kl_warmup_steps", 0, allow_none=True)
         enc_bn, dec_bn = norm_placement(use_batch_norm, "use_batch_norm")
         enc_ln, dec_ln = norm_placement(use_layer_norm, "use_layer_norm")
 
