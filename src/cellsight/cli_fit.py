@@ -7,8 +7,13 @@ A config has five sections (print a full one with ``--print_config``)::
     transforms:  [{class_path: cellsight.stats.transforms.NormalizeTotal,
                    init_args: {target_count: 10000}}, ...]
     model:       the model's own arguments (genes, batches and cells come from the data)
-    trainer:     {devices: 1, accelerator: cpu, max_epochs: null, lr: 0.01, seed: 0, ...}
+    trainer:     {devices: 1, accelerator: cpu, seed: 0, ...} (ppca also: max_epochs, lr,
+                  lr_schedule)
     output_dir:  where ``<model>.csv`` (the result table) and ``<model>.pt`` (state) go
+
+plus ``quantiles`` (tdigest) or ``mean_path`` (ppca). Config values are checked before any
+data are read: a bad value is a ``ValueError`` naming its key (``cellsight fit: error: ...``).
+``mean_var`` defaults to ``algorithm: shifted_data``, as :func:`cellsight.pp.mean_var`.
 
 Runs chain through files: the ``mean_var`` table feeds a ``ZScore`` transform
 (``init_args: {stats_path: out/mean_var.csv}``) of a later ``ipca`` run, and the ``hvg`` table
@@ -17,24 +22,25 @@ a ``Filter``; ``ppca`` takes ``mean_path`` (a mean/var table) for its fixed mean
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from collections.abc import Sequence
 
-import numpy as np
 import pandas as pd
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from cellsight.stats.base import fit_statistic
 from cellsight.stats.data import stream_data
 from cellsight.stats.hvg import HVGSeuratV3
-from cellsight.stats.ipca import IncrementalPCA
+from cellsight.stats.ipca import IncrementalPCA, check_n_components
 from cellsight.stats.mean_var import OnePassMeanVarStd
 from cellsight.stats.ppca import ProbabilisticPCA
-from cellsight.stats.tdigest import TDigest
-from cellsight.stats.transforms import GeneTransform
+from cellsight.stats.tdigest import TDigest, check_quantiles
+from cellsight.stats.transforms import GeneTransform, bind_transforms
 
-__all__ = ["MODELS", "build_parser", "main", "run"]
+__all__ = ["MODELS", "build_parser", "check_config", "main", "run"]
 
 MODELS = {
     "mean_var": OnePassMeanVarStd,
@@ -64,50 +70,82 @@ def _model_name(name: str) -> str:
 
 
 def build_parser(model: str):
-    """The jsonargparse parser of ``cellsight fit <model>``."""
+    """The jsonargparse parser of ``cellsight fit <model>``: only the options of that model.
+
+    ``--quantiles`` exists for ``tdigest`` only, ``--mean_path`` for ``ppca`` only, and the
+    optimiser options (``trainer.max_epochs``, ``lr``, ``lr_schedule``) for the trainable
+    ``ppca`` only. ``mean_var`` defaults to ``model.algorithm: shifted_data``, as
+    :func:`cellsight.pp.mean_var` (the class itself keeps Cellarium's ``"naive"`` default).
+    """
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     name = _model_name(model)
+    cls = MODELS[name]
     parser = ArgumentParser(
         prog=f"cellsight fit {name}",
-        description=f"Stream data through transforms into {MODELS[name].__name__}.",
+        description=f"Stream data through transforms into {cls.__name__}.",
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file")
     parser.add_argument("--data.paths", type=list[str], required=True,
                         help="shard (.h5ad / zarr) paths, or one .h5ad")
     parser.add_argument("--data.layer", type=str | None, default=None)
     parser.add_argument("--data.batch_key", type=str | None, default=None)
-    parser.add_argument("--data.batch_size", type=int, default=1024)
-    parser.add_argument("--data.num_workers", type=int, default=0)
+    parser.add_argument("--data.batch_size", type=int, default=1024, help="cells per minibatch")
+    parser.add_argument("--data.num_workers", type=int, default=0,
+                        help="DataLoader workers per process (>= 0)")
     parser.add_argument("--transforms", type=list[GeneTransform] | None, default=None,
                         help="per-batch transforms (class_path / init_args), applied in order")
-    parser.add_class_arguments(MODELS[name], "model", skip=FROM_DATA, instantiate=False)
-    if "model.output_path" in parser.get_defaults():
-        parser.set_defaults({"model.output_path": None})  # results go to output_dir
-    parser.add_argument("--trainer.devices", type=int, default=1)
+    # results go to output_dir: the classes' own output_path is not an option here
+    parser.add_class_arguments(cls, "model", skip=FROM_DATA | {"output_path"},
+                               instantiate=False)
+    if name == "mean_var":
+        parser.set_defaults({"model.algorithm": "shifted_data"})  # as cellsight.pp.mean_var
+    parser.add_argument("--trainer.devices", type=int | str, default=1,
+                        help="processes: a positive integer or 'auto'")
     parser.add_argument("--trainer.accelerator", type=str, default="cpu")
-    parser.add_argument("--trainer.max_epochs", type=int | None, default=None)
-    parser.add_argument("--trainer.lr", type=float, default=1e-2)
-    parser.add_argument("--trainer.lr_schedule", type=str, default="constant")
+    if cls.is_trainable:
+        parser.add_argument("--trainer.max_epochs", type=int | None, default=None)
+        parser.add_argument("--trainer.lr", type=float, default=1e-2)
+        parser.add_argument("--trainer.lr_schedule", type=str, default="constant")
     parser.add_argument("--trainer.seed", type=int, default=0)
     parser.add_argument("--trainer.enable_progress_bar", type=bool, default=True)
     parser.add_argument("--output_dir", type=str, default="cellsight_fit_output")
-    parser.add_argument("--quantiles", type=list[float], default=[0.5, 0.9],
-                        help="tdigest: quantiles written to the table")
-    parser.add_argument("--mean_path", type=str | None, default=None,
-                        help="ppca: mean/var CSV whose 'mean' column fixes the model mean")
+    if name == "tdigest":
+        parser.add_argument("--quantiles", type=list[float], default=[0.5, 0.9],
+                            help="quantiles in [0, 1] written to the table")
+    if name == "ppca":
+        parser.add_argument("--mean_path", type=str | None, default=None,
+                            help="mean/var CSV whose 'mean' column fixes the model mean")
     return parser
 
 
-def _bind(transforms: Sequence[torch.nn.Module], var_names_g: np.ndarray) -> np.ndarray:
-    names = var_names_g
-    for t in transforms:
-        names = t.setup_genes(names)
-    return names
+def check_config(name: str, cfg) -> None:
+    """Reject bad config values before any data is read (``ValueError`` naming the key)."""
+    data, trainer = cfg.data, cfg.trainer
+    if not data.paths:
+        raise ValueError("data.paths is empty; list the shard (.h5ad / zarr) files to read.")
+    if data.batch_size < 1:
+        raise ValueError(f"data.batch_size={data.batch_size} must be >= 1 (cells per minibatch).")
+    if data.num_workers < 0:
+        raise ValueError(f"data.num_workers={data.num_workers} must be >= 0.")
+    devices = trainer.devices
+    if isinstance(devices, str):
+        devices = int(devices) if devices.strip().lstrip("-").isdigit() else devices
+    if devices != "auto" and (not isinstance(devices, int) or devices < 1):
+        raise ValueError(
+            f"trainer.devices={trainer.devices!r} must be a positive integer (1: this process, "
+            "N > 1: N DDP processes) or 'auto'."
+        )
+    trainer.devices = devices
+    if name == "tdigest":
+        check_quantiles(cfg.quantiles, name="quantiles")
+    if MODELS[name].is_trainable and trainer.max_epochs is not None and trainer.max_epochs < 1:
+        raise ValueError(f"trainer.max_epochs={trainer.max_epochs} must be >= 1 (or null).")
 
 
 def run(name: str, cfg) -> dict[str, str]:
     """Fit ``name`` as configured by a parsed ``cfg``; returns the files written."""
+    check_config(name, cfg)
     data, trainer = cfg.data, cfg.trainer
     cls = MODELS[name]
     trainable = cls.is_trainable
@@ -117,9 +155,13 @@ def run(name: str, cfg) -> dict[str, str]:
         pad=trainable, shuffle=trainable, seed=trainer.seed, require_counts=name == "hvg",
     )
     transforms = list(cfg.transforms or [])
-    genes = _bind(transforms, src.var_names_g)
+    genes = bind_transforms(transforms, src.var_names_g)
     kwargs = cfg.model.as_dict() if hasattr(cfg.model, "as_dict") else dict(vars(cfg.model))
     kwargs["var_names_g"] = genes
+    if "output_path" in inspect.signature(cls).parameters:
+        kwargs["output_path"] = None  # the table goes to output_dir
+    if name == "ipca":
+        check_n_components(kwargs.get("n_components"), len(genes), src.n_obs)
     if name == "mean_var":
         kwargs.update(n_batch=src.n_batch, batch_categories=src.batch_categories)
     elif name == "hvg":
@@ -137,12 +179,18 @@ def run(name: str, cfg) -> dict[str, str]:
                 )
             kwargs["mean_g"] = table.loc[genes, "mean"].to_numpy()
     model = cls(**kwargs)
-    fit_statistic(
-        model, src.datamodule, transforms=transforms, input_var_names_g=src.var_names_g,
-        max_epochs=trainer.max_epochs, accelerator=trainer.accelerator,
-        devices=trainer.devices, lr=trainer.lr, lr_schedule=trainer.lr_schedule,
-        seed=trainer.seed, enable_progress_bar=trainer.enable_progress_bar,
-    )
+    optim = {}
+    if trainable:
+        optim = dict(max_epochs=trainer.max_epochs, lr=trainer.lr,
+                     lr_schedule=trainer.lr_schedule)
+    try:
+        fit_statistic(
+            model, src.datamodule, transforms=transforms, input_var_names_g=src.var_names_g,
+            accelerator=trainer.accelerator, devices=trainer.devices, seed=trainer.seed,
+            enable_progress_bar=trainer.enable_progress_bar, **optim,
+        )
+    except MisconfigurationException as err:  # raised by the Trainer, before the pass
+        raise ValueError(f"the trainer section is not valid: {err}") from None
     os.makedirs(cfg.output_dir, exist_ok=True)
     files = {}
     table = model.to_dataframe(cfg.quantiles) if name == "tdigest" else model.to_dataframe()

@@ -18,8 +18,8 @@ from anndata import AnnData
 from cellsight.stats.base import fit_statistic
 from cellsight.stats.data import stream_data
 from cellsight.stats.hvg import HVGSeuratV3
-from cellsight.stats.mean_var import OnePassMeanVarStd
-from cellsight.stats.transforms import standard_transforms
+from cellsight.stats.mean_var import OnePassMeanVarStd, check_ddof
+from cellsight.stats.transforms import bind_transforms, standard_transforms
 
 __all__ = ["highly_variable_genes", "mean_var"]
 
@@ -120,8 +120,11 @@ def mean_var(
         AnnData, ``.h5ad`` path, or shard paths.
     normalize_total
         Scale every cell to this total first (scanpy's ``target_sum``); ``None``: no scaling.
+        Needs non-negative data (a ``ValueError`` otherwise).
     log1p
-        Take ``log(1 + x)`` (after normalising).
+        Take ``log(1 + x)`` (after normalising). Needs non-negative data (raw or normalised
+        counts): a negative value raises a ``ValueError`` at the first minibatch holding one,
+        before any result is returned.
     batch_key
         obs column of batches: adds ``mean_<batch>``, ``var_<batch>``, ``std_<batch>``.
     layer
@@ -131,7 +134,10 @@ def mean_var(
     algorithm
         ``"shifted_data"`` (stable) or ``"naive"``.
     ddof
-        Delta degrees of freedom of the variance (0: numpy's default; 1: scanpy's).
+        Delta degrees of freedom of the variance (0: numpy's default; 1: scanpy's): the
+        divisor is ``n - ddof``. An integer with ``0 <= ddof < n_cells`` (checked before the
+        pass); a batch of ``batch_key`` with ``n <= ddof`` cells gets NaN ``var_<batch>`` and
+        ``std_<batch>``, with a ``RuntimeWarning``.
     batch_size, devices, num_workers
         Cells per minibatch; processes; DataLoader workers per process (shards).
     output_path
@@ -141,11 +147,17 @@ def mean_var(
     -------
     DataFrame indexed by gene with ``mean``, ``var``, ``std`` (and per-batch columns).
     """
+    ddof = check_ddof(ddof)
     src = stream_data(
         data, layer=layer, batch_key=batch_key, batch_size=batch_size, num_workers=num_workers
     )
+    if ddof >= src.n_obs:
+        raise ValueError(
+            f"ddof={ddof} leaves no degrees of freedom: the data have {src.n_obs} cells and "
+            "the variance divides by n_cells - ddof; use ddof=0 (population) or 1 (sample)."
+        )
     transforms = standard_transforms(normalize_total, log1p, genes)
-    out_genes = src.var_names_g if genes is None else list(genes)
+    out_genes = bind_transforms(transforms, src.var_names_g)
     model = OnePassMeanVarStd(
         out_genes, algorithm=algorithm, n_batch=src.n_batch, output_path=None,
         batch_categories=src.batch_categories,

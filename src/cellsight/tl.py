@@ -18,10 +18,16 @@ from anndata import AnnData
 
 from cellsight.stats.base import fit_statistic
 from cellsight.stats.data import stream_data
-from cellsight.stats.ipca import IncrementalPCA
+from cellsight.stats.ipca import IncrementalPCA, check_n_components
 from cellsight.stats.mean_var import OnePassMeanVarStd
-from cellsight.stats.tdigest import TDigest
-from cellsight.stats.transforms import ZScore, apply_transforms, standard_transforms
+from cellsight.stats.tdigest import TDigest, check_quantiles
+from cellsight.stats.transforms import (
+    ZScore,
+    apply_transforms,
+    bind_transforms,
+    check_max_value,
+    standard_transforms,
+)
 
 __all__ = ["pca", "quantiles", "project"]
 
@@ -97,14 +103,19 @@ def pca(
     data
         AnnData, ``.h5ad`` path, or shard paths.
     n_components
-        Number of components.
+        Number of components: an integer with ``1 <= n_components <= min(n_cells, n_genes)``
+        (checked before the pass; more would give all-zero components).
     layer
         Layer to read (``None``: ``X``).
     normalize_total, log1p
-        Per-batch transforms applied first (see :func:`cellsight.pp.mean_var`).
+        Per-batch transforms applied first (see :func:`cellsight.pp.mean_var`; both need
+        non-negative data).
     zscore
         Scale every gene to unit variance (scanpy's ``scale``): a mean/variance pass first,
-        then PCA of the z-scored data. ``max_value`` clips, as scanpy's.
+        then PCA of the z-scored data.
+    max_value
+        With ``zscore``: clip the z-scores to ``[-max_value, max_value]``, as scanpy's; must be
+        ``> 0`` (``None``: no clipping). Only valid with ``zscore=True``.
     genes
         Genes to use; default: ``var["highly_variable"]`` of an AnnData when present
         (``use_highly_variable``), else all.
@@ -120,12 +131,20 @@ def pca(
     -------
     The fitted :class:`cellsight.stats.IncrementalPCA`.
     """
+    max_value = check_max_value(max_value)
+    if max_value is not None and not zscore:
+        raise ValueError(
+            f"max_value={max_value} clips z-scores, but zscore=False; pass zscore=True to "
+            "scale and clip, or drop max_value."
+        )
     use_genes = _pca_genes(data, genes, use_highly_variable)
     src = stream_data(
         data, layer=layer, batch_size=batch_size, num_workers=num_workers
     )
     transforms = standard_transforms(normalize_total, log1p, use_genes)
-    out_genes = src.var_names_g if use_genes is None else np.asarray(use_genes)
+    # unknown genes fail here, before n_components is checked against them or data are read
+    out_genes = bind_transforms(transforms, src.var_names_g)
+    check_n_components(n_components, len(out_genes), src.n_obs)
     if zscore:
         mv = OnePassMeanVarStd(out_genes, algorithm="shifted_data", output_path=None)
         fit_statistic(mv, src.datamodule, transforms=transforms,
@@ -161,7 +180,7 @@ def pca(
 
 def quantiles(
     data: Data,
-    q: Sequence[float] = (0.5,),
+    q: float | Sequence[float] = (0.5,),
     *,
     layer: str | None = None,
     normalize_total: float | None = None,
@@ -179,7 +198,8 @@ def quantiles(
     data
         AnnData, ``.h5ad`` path, or shard paths.
     q
-        Quantiles in ``[0, 1]``.
+        Quantiles in ``[0, 1]``: a sequence, or one number (treated as ``[q]``: the result
+        has the same single column either way).
     layer, normalize_total, log1p, genes
         What to summarise (see :func:`cellsight.pp.mean_var`).
     compression
@@ -192,12 +212,10 @@ def quantiles(
     DataFrame indexed by gene with one column per quantile, named by the float ``q`` (NaN
     for a gene without non-zero values).
     """
-    q = [float(v) for v in q]
-    if not q or any(not 0 <= v <= 1 for v in q):
-        raise ValueError(f"q={q} must be a non-empty list of values in [0, 1].")
+    q = check_quantiles(q)
     src = stream_data(data, layer=layer, batch_size=batch_size, num_workers=num_workers)
     transforms = standard_transforms(normalize_total, log1p, genes)
-    out_genes = src.var_names_g if genes is None else list(genes)
+    out_genes = bind_transforms(transforms, src.var_names_g)
     model = TDigest(out_genes, compression=compression)
     fit_statistic(model, src.datamodule, transforms=transforms,
                   input_var_names_g=src.var_names_g, devices=devices)

@@ -274,6 +274,26 @@ def test_bad_arguments_raise_clear_errors(kwargs, match):
         attribute(_mlp().double(), _data(), **kwargs)
 
 
+@pytest.mark.parametrize("method", ["ig", "deeplift", "gs", "shap"])
+@pytest.mark.parametrize("baselines", [float("nan"), float("inf"), -np.inf, np.float32("nan")])
+def test_non_finite_scalar_baselines_are_rejected(method, baselines):
+    """A NaN baseline used to give all-NaN attributions silently."""
+    with pytest.raises(ValueError, match="is not finite, so every attribution would be NaN"):
+        attribute(_mlp().double(), _data(), method=method, baselines=baselines, target=0)
+
+
+def test_non_finite_baseline_arrays_are_rejected_with_the_count():
+    b = np.zeros(12)
+    b[[2, 5]] = [np.nan, np.inf]
+    with pytest.raises(ValueError, match="2 NaN or infinite value"):
+        attribute(_mlp().double(), _data(), baselines=b, target=0)
+
+
+def test_bool_baselines_are_a_type_error():
+    with pytest.raises(TypeError, match="baselines=True is a bool"):
+        resolve_baselines(_data(), True, "ig")
+
+
 def test_non_finite_inputs_are_rejected_with_the_cell():
     x = _data()
     x[3, 2] = float("nan")

@@ -87,3 +87,13 @@ def test_missing_groups_and_nan_attributions_are_rejected():
     a[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         rank_features(a)
+
+
+@pytest.mark.parametrize("top_n", [2.5, 2.0, "3", True])
+def test_non_integer_top_n_is_a_type_error(top_n):
+    with pytest.raises(TypeError, match="top_n must be a positive integer"):
+        rank_features(_attr(), top_n=top_n)
+
+
+def test_numpy_integer_top_n_is_accepted():
+    assert len(rank_features(_attr(), top_n=np.int64(2))) == 2

@@ -131,6 +131,7 @@ def test_a_fadvi_query_without_labels_is_told_how_to_fill_them():
     (dict(devices=0), ValueError, "devices=0 must be a positive number"),
     (dict(plan_kwargs={"bogus": 1}), ValueError, r"plan_kwargs \['bogus'\] are not arguments"),
     (dict(plan_kwargs={"weight_decay": -1.0}), ValueError, "weight_decay=-1.0 must be"),
+    (dict(batch_size=1), ValueError, "batch_size=1 cannot train a model with BatchNorm"),
 ])
 def test_scvi_train_rejects_bad_arguments_before_training(kwargs, error, match):
     adata = count_adata(n_cells=40, n_genes=10)
@@ -174,6 +175,11 @@ def test_normalized_expression_rejects_bad_arguments(scvi_model, kwargs, error, 
         scvi_model.get_normalized_expression(**kwargs)
 
 
+def test_latent_mc_samples_must_be_positive(scvi_model):
+    with pytest.raises(ValueError, match="mc_samples=0 must be >= 1"):
+        scvi_model.get_latent_representation(mc_samples=0)
+
+
 # ---------------------------------------------------------------- registration
 def test_setup_rejects_non_string_keys_and_non_numeric_matrices():
     adata = count_adata(n_cells=30, n_genes=8)
@@ -203,3 +209,25 @@ def test_cautrigger2l_query_downstream_features_must_match(cascade):
         m.get_up_feature_weights(reordered, method="Grad")
     with pytest.raises(ValueError, match=r"use 0..1 \(or -2..-1"):
         m.get_up_feature_weights(method="Grad", class_idx=2)
+
+
+def test_cautrigger_information_flow_rejects_bad_draw_counts(cascade):
+    m = CauTrigger2L(cascade, n_latent=4, n_causal=2)
+    m.train(**{**QUICK, "n_alpha": 3, "n_beta": 4})
+    for kwargs, error in ((dict(n_cells=-1), ValueError), (dict(n_cells=2.5), TypeError),
+                          (dict(n_beta=0), ValueError)):
+        with pytest.raises(error, match=next(iter(kwargs))):
+            m.compute_information_flow(plot_info_flow=False, **kwargs)
+
+
+def test_ranked_features_check_top_n_before_computing_attributions(monkeypatch):
+    adata = _fadvi_data(lambda n: np.array(["T", "B", "NK"])[np.arange(n) % 3])
+    FADVI.setup_anndata(adata, batch_key="batch", labels_key="cell_type")
+    m = FADVI(adata, n_hidden=8, n_latent_b=2, n_latent_l=2, n_latent_r=2)
+
+    def no_predict(*args, **kwargs):
+        raise AssertionError("attributions were computed before top_n was checked")
+
+    monkeypatch.setattr(m, "predict", no_predict)
+    with pytest.raises(TypeError, match="top_n must be a positive integer"):
+        m.get_ranked_features(top_n=2.5)

@@ -28,6 +28,9 @@ __all__ = [
 ]
 
 
+_MODEL_LIKELIHOODS = ("nb", "zinb", "poisson")
+
+
 def cell_positions(indices, n_obs: int, name: str = "indices") -> np.ndarray:
     """The cell positions ``indices`` selects, as int64 (``None``: all ``n_obs`` cells).
 
@@ -182,7 +185,6 @@ def check_matrix_values(
     *,
     require_counts: bool,
     likelihood: str | None = None,
-    purpose: str | None = None,
 ) -> None:
     """Reject NaN/inf, and (for count likelihoods) negative or non-integer values.
 
@@ -195,11 +197,10 @@ def check_matrix_values(
     require_counts
         Whether the model's likelihood needs raw integer counts.
     likelihood
-        Name of the model's likelihood, used in messages (which then suggest
-        ``gene_likelihood='normal'`` for normalised data).
-    purpose
-        What needs the counts, for messages of a computation that is not a model (e.g.
-        ``"Seurat v3 highly variable gene selection"``); overrides ``likelihood``.
+        What needs the counts, for messages: a model's likelihood name (``"nb"``, ``"zinb"``,
+        ``"poisson"``; the message then suggests ``gene_likelihood='normal'`` for normalised
+        data) or a phrase for other computations (``"Seurat v3 highly variable gene
+        selection"``).
     """
     x = get_matrix(adata, layer)
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
@@ -220,16 +221,15 @@ def check_matrix_values(
         )
     if not require_counts:
         return
-    if purpose is not None:
-        lk, likelihood = purpose, None
-    else:
-        lk = f"the {likelihood!r} likelihood" if likelihood else "this model"
+    model_lk = likelihood in _MODEL_LIKELIHOODS
+    lk = (f"the {likelihood!r} likelihood" if model_lk else likelihood) if likelihood else (
+        "this model")
     n, cell, gene = _first_bad(adata, x, lambda a: a < 0)
     if n:
         raise ValueError(
             f"{where} has {n} negative value(s) (first at cell {cell!r}, gene {gene!r}); {lk} "
             "needs raw counts. Pass raw counts in a layer with layer='counts'"
-            + (", or use gene_likelihood='normal' for normalised data." if likelihood else ".")
+            + (", or use gene_likelihood='normal' for normalised data." if model_lk else ".")
         )
     n, cell, gene = _first_bad(adata, x, lambda a: a != np.round(a))
     if n:

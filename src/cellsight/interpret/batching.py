@@ -15,6 +15,7 @@ permuted copies of the data) batch the same way.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -209,7 +210,17 @@ def resolve_baselines(
         rng = np.random.default_rng(seed)
         idx = np.sort(rng.choice(n, size=min(n_background, n), replace=False))
         return inputs[torch.as_tensor(idx, device=inputs.device)]
-    if isinstance(baselines, int | float):
+    if isinstance(baselines, bool):
+        raise TypeError(
+            f"baselines={baselines!r} is a bool; pass a number (e.g. 0.0), a name such as "
+            "'zeros', or an array of baseline rows."
+        )
+    if isinstance(baselines, numbers.Real):
+        if not math.isfinite(baselines):
+            raise ValueError(
+                f"baselines={baselines!r} is not finite, so every attribution would be NaN; "
+                "pass a finite number (e.g. 0.0), 'zeros', 'mean', or an array of finite rows."
+            )
         return torch.full((1, *feat_shape), float(baselines), dtype=inputs.dtype,
                           device=inputs.device)
     b = as_tensor(baselines, inputs.device).to(inputs.dtype)
@@ -221,7 +232,10 @@ def resolve_baselines(
             f"give one row {feat_shape}, one row per cell, or (for gs/shap) reference rows."
         )
     if not torch.isfinite(b).all():
-        raise ValueError("baselines contain NaN or infinite values; pass finite baselines.")
+        raise ValueError(
+            f"baselines contain {int((~torch.isfinite(b)).sum())} NaN or infinite value(s), so "
+            "the attributions would be NaN; pass finite baselines (e.g. 'zeros' or 'mean')."
+        )
     if not uses_distribution and b.shape[0] not in (1, n):
         raise ValueError(
             f"method={method!r} takes one baseline row or one per cell ({n}), got "

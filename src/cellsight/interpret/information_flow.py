@@ -20,6 +20,7 @@ standard-normal draws (:func:`draw_noise`), so they agree to rounding.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -62,8 +63,9 @@ def draw_noise(
 ) -> FlowNoise:
     """The standard-normal draws used by :func:`information_flow` for these sizes."""
     a, b = _split_dims(dims, n_latent)
-    if n_alpha < 1 or n_beta < 1:
-        raise ValueError(f"n_alpha={n_alpha} and n_beta={n_beta} must both be >= 1.")
+    _check_count(n_cells, "n_cells", "cells to draw for")
+    _check_count(n_alpha, "n_alpha", "draws of the measured block per cell")
+    _check_count(n_beta, "n_beta", "draws of the other dimensions per block draw")
     kw = {"generator": generator, "dtype": dtype}
     alpha = torch.randn((n_cells, n_alpha, len(a)), **kw)
     beta = torch.randn((n_cells, n_alpha, n_beta, len(b)), **kw)
@@ -81,15 +83,40 @@ def _entropy(p: torch.Tensor, eps: float) -> torch.Tensor:
     return -(p * p.log()).sum(-1)
 
 
+def _check_count(value, name: str, what: str) -> None:
+    """``value`` must be an integer >= 1 (``TypeError`` / ``ValueError`` otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= 1, got {type(value).__name__} {value!r}.")
+    if value < 1:
+        raise ValueError(f"{name}={value} must be >= 1 ({what}).")
+
+
 def _check_args(mu_nk, std_nk, outer, inner):
     if mu_nk.shape != std_nk.shape or mu_nk.dim() != 2:
         raise ValueError(
             f"mu_nk and std_nk must both be (cells, latent); got {tuple(mu_nk.shape)} and "
             f"{tuple(std_nk.shape)}."
         )
+    if mu_nk.shape[0] == 0:
+        raise ValueError(
+            "information flow got 0 cells (mu_nk has shape "
+            f"{tuple(mu_nk.shape)}); pass at least one cell (n_cells >= 1)."
+        )
     for name, src in (("outer", outer), ("inner", inner)):
         if src not in _SOURCES:
             raise ValueError(f"{name}={src!r} is not one of {list(_SOURCES)}.")
+
+
+def _check_noise(noise: FlowNoise, n: int, a: list[int], b: list[int]) -> None:
+    alpha, beta = tuple(noise.alpha_nsa.shape), tuple(noise.beta_nstb.shape)
+    if (len(alpha) != 3 or len(beta) != 4 or alpha[0] != n or beta[0] != n
+            or alpha[1] != beta[1] or alpha[2] != len(a) or beta[3] != len(b)
+            or min(alpha[1], beta[2]) < 1):
+        raise ValueError(
+            f"noise has shapes {alpha} and {beta}, but {n} cells with |A|={len(a)}, "
+            f"|B|={len(b)} need (cells, n_alpha, |A|) and (cells, n_alpha, n_beta, |B|) with "
+            "n_alpha, n_beta >= 1; draw it with draw_noise for these sizes."
+        )
 
 
 def information_flow(
@@ -145,6 +172,7 @@ def information_flow(
         noise = draw_noise(
             n, k, a, n_alpha, n_beta, generator=generator, device=mu_nk.device, dtype=mu_nk.dtype
         )
+    _check_noise(noise, n, a, b)
     n_alpha, n_beta = noise.beta_nstb.shape[1], noise.beta_nstb.shape[2]
     a_idx = torch.as_tensor(a, device=mu_nk.device)
     b_idx = torch.as_tensor(b, device=mu_nk.device)
@@ -190,6 +218,7 @@ def information_flow_loop(
     _check_args(mu_nk, std_nk, outer, inner)
     n, k = mu_nk.shape
     a, b = _split_dims(dims, k)
+    _check_noise(noise, n, a, b)
     n_alpha, n_beta = noise.beta_nstb.shape[1], noise.beta_nstb.shape[2]
     flows = []
     for i in range(n):

@@ -25,6 +25,7 @@ from scvi import REGISTRY_KEYS
 
 from cellsight.data.validate import cell_positions
 from cellsight.interpret.attribute import attribute
+from cellsight.interpret.rank import check_top_n
 from cellsight.interpret.rank import rank_features as _rank_features
 from cellsight.interpret.significance import permutation_test, sign_test
 from cellsight.interpret.targets import MODULE_TARGETS, ModuleFunction
@@ -248,6 +249,7 @@ class InterpretMixin:
         -------
         Tidy DataFrame, see :func:`cellsight.interpret.rank_features`.
         """
+        check_top_n(top_n)  # before the attributions are computed
         if attributions is None:
             attributions = self.get_feature_attributions(
                 adata, indices, **{"show_progress": False, **attribution_kwargs}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["rank_features", "as_attribution_array"]
+__all__ = ["rank_features", "as_attribution_array", "check_top_n"]
 
 _SORT_COLUMNS = ("attribution_abs_mean", "attribution_mean", "attribution_std")
 
@@ -64,6 +65,23 @@ def _group_codes(groupby, n: int) -> tuple[np.ndarray, list]:
     return cat.codes, [cat.categories[c] for c in used]
 
 
+def check_top_n(top_n) -> int | None:
+    """``top_n`` as a positive int (or ``None``); ``TypeError`` for a non-integer or a bool.
+
+    Callers that compute attributions first should call it before doing so.
+    """
+    if top_n is None:
+        return None
+    if isinstance(top_n, bool) or not isinstance(top_n, numbers.Integral):
+        raise TypeError(
+            f"top_n must be a positive integer (a number of features) or None, got "
+            f"{type(top_n).__name__} {top_n!r}."
+        )
+    if top_n < 1:
+        raise ValueError(f"top_n={top_n} must be a positive number of features (or None for all).")
+    return int(top_n)
+
+
 def rank_features(
     attributions: np.ndarray | pd.DataFrame,
     var_names: Sequence[str] | None = None,
@@ -87,7 +105,8 @@ def rank_features(
     output_names
         Names of the outputs of a 3-D array (default ``"0"``, ``"1"``, ...).
     top_n
-        Keep the ``top_n`` best features per group and output.
+        Keep the ``top_n`` best features per group and output: a positive integer (``None``:
+        all).
     sort_by
         Ranking column: ``"attribution_abs_mean"`` (default), ``"attribution_mean"`` or
         ``"attribution_std"``; rank 1 is the largest.
@@ -102,9 +121,8 @@ def rank_features(
     """
     if sort_by not in _SORT_COLUMNS:
         raise ValueError(f"sort_by={sort_by!r} must be one of {list(_SORT_COLUMNS)}.")
+    top_n = check_top_n(top_n)
     a, names = as_attribution_array(attributions, var_names)
-    if top_n is not None and top_n < 1:
-        raise ValueError(f"top_n={top_n} must be a positive number of features.")
     n, g = a.shape[:2]
     a3 = a if a.ndim == 3 else a[..., None]
     k = a3.shape[2]

@@ -336,6 +336,13 @@ class BaseModel:
             max_epochs = self._default_max_epochs()
         check_fit_args(max_epochs, devices)
         check_lr(lr)
+        if datamodule is None and V.check_batch_size(batch_size) == 1 and any(
+                isinstance(m, (torch.nn.BatchNorm1d, torch.nn.SyncBatchNorm))
+                for m in self.module.modules()):
+            raise ValueError(
+                "batch_size=1 cannot train a model with BatchNorm layers (it needs more than one "
+                "cell per minibatch); use batch_size >= 2 or use_batch_norm='none'."
+            )
         if datamodule is None:
             if self.adata is None:
                 raise ValueError(

@@ -26,6 +26,9 @@ from cellsight.data.loaders import TensorBatchLoader, dist_info
 
 __all__ = ["StreamData", "stream_data", "anndata_arrays"]
 
+# what needs raw counts, for the validation messages
+HVG_COUNTS = "Seurat v3 highly variable gene selection"
+
 PathLike = str | os.PathLike
 
 
@@ -87,7 +90,7 @@ def anndata_arrays(
     V.check_layer(adata, layer)
     V.check_obs_keys(adata, {"batch_key": batch_key})
     V.check_matrix_values(adata, layer, require_counts=require_counts,
-                          likelihood="seurat_v3" if require_counts else None)
+                          likelihood=HVG_COUNTS if require_counts else None)
     x = V.get_matrix(adata, layer)
     if sp.issparse(x):
         x = sp.csr_matrix(x, dtype=np.float32)
@@ -134,7 +137,7 @@ class _ShardStatsModule(pl.LightningDataModule):
         self.inner = ShardedDataModule(
             stub, batch_key=batch_key, batch_size=batch_size, train_size=1.0,
             shuffle=shuffle, seed=seed, num_workers=num_workers,
-            require_counts=require_counts, likelihood="seurat_v3" if require_counts else None,
+            require_counts=require_counts, likelihood=HVG_COUNTS if require_counts else None,
         )
         self.pad = pad
         self.batch_categories = self.inner.batch_categories

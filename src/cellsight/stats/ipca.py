@@ -26,6 +26,7 @@ variable genes). ``"auto"`` uses it up to :data:`GRAM_MAX_GENES` genes.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Literal
 
@@ -38,7 +39,7 @@ from cellsight.data.sparse import csr_to_scipy, csr_with_values, is_csr
 from cellsight.stats.base import StreamingModel, all_gather_stack, all_reduce_sum, world_info
 from cellsight.stats.mean_var import combine_moments
 
-__all__ = ["IncrementalPCA", "truncated_svd", "GRAM_MAX_GENES"]
+__all__ = ["IncrementalPCA", "truncated_svd", "check_n_components", "GRAM_MAX_GENES"]
 
 # "auto" accumulates the exact g x g matrix up to this many genes (128 MiB in float64)
 GRAM_MAX_GENES = 4096
@@ -87,6 +88,33 @@ def _flip_signs(v_kg: torch.Tensor) -> torch.Tensor:
     return v_kg * sign
 
 
+def check_n_components(n_components, n_vars: int, n_obs: int | None = None) -> int:
+    """``n_components`` as an int in ``[1, min(n_obs, n_vars)]``, else a clear error.
+
+    ``n_obs`` (when known before the pass) bounds it too: ``n`` cells span at most ``n``
+    directions, and components beyond them would be all-zero.
+    """
+    if isinstance(n_components, bool) or not isinstance(n_components, numbers.Integral):
+        raise TypeError(
+            f"n_components must be an integer, got {type(n_components).__name__} "
+            f"{n_components!r}."
+        )
+    if n_components < 1:
+        raise ValueError(f"n_components={n_components} must be >= 1.")
+    if n_components > n_vars:
+        raise ValueError(
+            f"n_components={n_components} is more than the number of genes ({n_vars}); "
+            f"ask for at most {n_vars} components (or use more genes)."
+        )
+    if n_obs is not None and n_components > n_obs:
+        raise ValueError(
+            f"n_components={n_components} is more than the number of cells (n_obs={n_obs}): "
+            f"{n_obs} cells span at most {n_obs} directions, so the extra components would be "
+            f"all zero; ask for at most {n_obs} components."
+        )
+    return int(n_components)
+
+
 class IncrementalPCA(StreamingModel):
     """Principal components of a data set streamed in minibatches and across ranks.
 
@@ -95,7 +123,8 @@ class IncrementalPCA(StreamingModel):
     var_names_g
         The gene names (schema of the input).
     n_components
-        Number of principal components.
+        Number of principal components: an integer in ``[1, n_genes]`` (``cellsight.tl.pca``
+        and ``cellsight fit ipca`` also require ``<= n_cells``).
     svd_lowrank_niter
         Power iterations of the randomised truncated SVD of each update.
     perform_mean_correction
@@ -123,11 +152,7 @@ class IncrementalPCA(StreamingModel):
         seed: int = 0,
     ) -> None:
         super().__init__(var_names_g)
-        if not 1 <= int(n_components) <= self.n_vars:
-            raise ValueError(
-                f"n_components={n_components} must be between 1 and the number of genes "
-                f"({self.n_vars})."
-            )
+        check_n_components(n_components, self.n_vars)
         if svd_lowrank_niter < 0 or n_oversamples < 0:
             raise ValueError("svd_lowrank_niter and n_oversamples must be >= 0.")
         self.n_components = int(n_components)

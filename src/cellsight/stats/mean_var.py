@@ -9,7 +9,9 @@ different shifts.
 
 from __future__ import annotations
 
+import numbers
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -20,7 +22,7 @@ import torch
 from cellsight.data.sparse import csr_row_index, is_csr
 from cellsight.stats.base import StreamingModel, all_gather_stack, all_reduce_sum, world_info
 
-__all__ = ["OnePassMeanVarStd", "MomentSums", "combine_moments"]
+__all__ = ["OnePassMeanVarStd", "MomentSums", "combine_moments", "check_ddof"]
 
 
 def combine_moments(
@@ -175,7 +177,10 @@ class OnePassMeanVarStd(StreamingModel):
         The gene names (schema of the input).
     algorithm
         ``"naive"`` (running sums of x and x**2, in float64) or ``"shifted_data"`` (sums of the
-        data minus a per-batch shift; stable when the mean is large next to the spread).
+        data minus a per-batch shift; stable when the mean is large next to the spread). The
+        class default is ``"naive"``, as Cellarium's ``OnePassMeanVarStd``;
+        :func:`cellsight.pp.mean_var` and ``cellsight fit mean_var`` default to the stable
+        ``"shifted_data"``.
     n_batch
         Number of batches; ``1`` ignores batch codes (``batch_key=None``).
     output_path
@@ -310,10 +315,14 @@ class OnePassMeanVarStd(StreamingModel):
         Parameters
         ----------
         ddof
-            Delta degrees of freedom of the variances (0: population, 1: sample variance).
+            Delta degrees of freedom of the variances (0: population, 1: sample variance):
+            the divisor is ``n - ddof``. An integer ``>= 0``; where a batch (or the whole data)
+            has ``n <= ddof`` cells its variance and std are NaN and a ``RuntimeWarning`` is
+            issued (numpy warns the same way, "degrees of freedom <= 0"; pandas gives NaN).
         """
+        ddof = check_ddof(ddof)
         n, mean, m2 = self._pooled()
-        var = m2 / (n - ddof).clamp_min(1)
+        var = _variance(m2, n, ddof)
         df = pd.DataFrame(
             {
                 "mean": mean.cpu().numpy(),
@@ -322,15 +331,48 @@ class OnePassMeanVarStd(StreamingModel):
             },
             index=pd.Index(self.var_names_g, name="gene"),
         )
+        few = [] if int(n) > ddof else ["all cells"]
         if self.n_batch > 1:
             n_b, mean_bg, m2_bg = self.sums.moments()
-            var_bg = m2_bg / (n_b[:, None] - ddof).clamp_min(1)
+            var_bg = _variance(m2_bg, n_b[:, None], ddof)
             nan = n_b[:, None] <= 0
             mean_bg = mean_bg.masked_fill(nan, float("nan"))
-            var_bg = var_bg.masked_fill(nan, float("nan"))
+            few += [f"batch {cat!r}" for cat, nb in zip(self.batch_categories, n_b.tolist())
+                    if 0 < nb <= ddof]
             cols = {}
             for stat, arr in (("mean", mean_bg), ("var", var_bg), ("std", var_bg.sqrt())):
                 for b, cat in enumerate(self.batch_categories):
                     cols[f"{stat}_{cat}"] = arr[b].cpu().numpy()
             df = pd.concat([df, pd.DataFrame(cols, index=df.index)], axis=1)
+        if few:
+            warnings.warn(
+                f"ddof={ddof} leaves no degrees of freedom for {', '.join(few[:5])}"
+                f"{', ...' if len(few) > 5 else ''} (n cells <= ddof): their variance and std "
+                "are NaN. Use a smaller ddof.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return df
+
+
+def check_ddof(ddof) -> int:
+    """``ddof`` as an int, or a ``TypeError`` / ``ValueError`` saying what is wrong."""
+    if isinstance(ddof, bool) or not isinstance(ddof, numbers.Integral):
+        raise TypeError(
+            f"ddof must be an integer (0: population variance, 1: sample variance), got "
+            f"{type(ddof).__name__} {ddof!r}."
+        )
+    if ddof < 0:
+        raise ValueError(
+            f"ddof={ddof} must be >= 0 (the variance divides by n - ddof); use 0 for the "
+            "population variance or 1 for the sample variance."
+        )
+    return int(ddof)
+
+
+def _variance(m2: torch.Tensor, n: torch.Tensor, ddof: int) -> torch.Tensor:
+    """``m2 / (n - ddof)``, NaN where ``n - ddof <= 0`` (no cells, or ddof too large)."""
+    dof = n - ddof
+    safe = torch.where(dof > 0, dof, torch.ones_like(dof))
+    var = m2 / safe
+    return torch.where(dof > 0, var, torch.full_like(var, float("nan")))

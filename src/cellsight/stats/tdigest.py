@@ -17,6 +17,7 @@ and maximum at the ends; with single-value centroids this is numpy's ``"linear"`
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,7 +27,36 @@ import torch
 from cellsight.data.sparse import csr_to_scipy, is_csr
 from cellsight.stats.base import StreamingModel, all_gather_stack, all_reduce_op, all_reduce_sum
 
-__all__ = ["TDigest", "compress_centroids", "centroid_quantiles"]
+__all__ = ["TDigest", "compress_centroids", "centroid_quantiles", "check_quantiles"]
+
+
+def check_quantiles(q, name: str = "q") -> list[float]:
+    """``q`` (one number, or a sequence of numbers in ``[0, 1]``) as a list of floats.
+
+    ``name`` is the argument's name in the messages.
+    """
+    if isinstance(q, numbers.Real) and not isinstance(q, bool):
+        q = [q]
+    elif isinstance(q, str | bytes) or not isinstance(q, Sequence | np.ndarray):
+        raise TypeError(
+            f"{name} must be a number or a sequence of numbers in [0, 1], got "
+            f"{type(q).__name__} {q!r}."
+        )
+    bad = [v for v in q if isinstance(v, bool) or not isinstance(v, numbers.Real)]
+    if bad:
+        raise TypeError(
+            f"{name} must hold numbers in [0, 1]; got {bad[0]!r} ({type(bad[0]).__name__})."
+        )
+    out = [float(v) for v in q]
+    if not out:
+        raise ValueError(f"{name} is empty; give at least one quantile in [0, 1], e.g. [0.5].")
+    outside = [v for v in out if not 0 <= v <= 1]  # also catches NaN
+    if outside:
+        raise ValueError(
+            f"{name}={out} must hold values in [0, 1], but {outside[0]} is outside; quantiles "
+            "are fractions (0.5: the median, 0.9: the 90th percentile)."
+        )
+    return out
 
 
 def _sort_by_value(mean_gm: torch.Tensor, weight_gm: torch.Tensor):

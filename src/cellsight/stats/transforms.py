@@ -13,6 +13,7 @@ does not (z-score), so a chain costs work in proportion to the non-zeros as long
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from typing import Literal
@@ -31,8 +32,28 @@ from cellsight.data.sparse import (
 
 __all__ = [
     "Densify", "NormalizeTotal", "Log1p", "ZScore", "Filter", "apply_transforms",
-    "standard_transforms",
+    "bind_transforms", "standard_transforms",
 ]
+
+
+def check_nonnegative(x_ng: torch.Tensor, step: str, off: str) -> None:
+    """Reject a minibatch with negative values before ``step`` transforms it.
+
+    ``off`` says how to turn the step off (for the message).
+
+    A CSR minibatch is checked on its stored values only (work ~ non-zeros); the check is a
+    single ``min`` reduction, so it costs less than the transform it guards.
+    """
+    values = x_ng.values() if is_csr(x_ng) else x_ng
+    if values.numel() == 0 or not bool(values.min() < 0):
+        return
+    n_neg = int((values < 0).sum())
+    raise ValueError(
+        f"{step} needs non-negative input (raw or normalised counts), but a minibatch has "
+        f"{n_neg} negative value(s) (min {float(values.min()):.4g}); the data look already "
+        "scaled or centred. Pass counts (e.g. a counts layer with layer='counts'), or "
+        f"use {off} for data already on a log or z-scored scale."
+    )
 
 
 class GeneTransform(torch.nn.Module):
@@ -60,7 +81,8 @@ class Densify(GeneTransform):
 class NormalizeTotal(GeneTransform):
     """Scale every cell to ``target_count`` total counts (scanpy's ``normalize_total``).
 
-    Cells with zero total stay zero.
+    Cells with zero total stay zero. The input must be non-negative (counts): a negative value
+    raises a ``ValueError`` (a negative total would flip the signs of the cell).
 
     Parameters
     ----------
@@ -84,6 +106,7 @@ class NormalizeTotal(GeneTransform):
         return self.target_count / torch.where(total_n == 0, torch.ones_like(total_n), total_n)
 
     def forward(self, x_ng: torch.Tensor) -> torch.Tensor:
+        check_nonnegative(x_ng, "normalize_total", "normalize_total=None (no NormalizeTotal)")
         if is_csr(x_ng):
             rows = csr_row_index(x_ng)
             values = x_ng.values()
@@ -93,11 +116,17 @@ class NormalizeTotal(GeneTransform):
 
 
 class Log1p(GeneTransform):
-    """``log(1 + x)`` (natural log, as scanpy's ``log1p``)."""
+    """``log(1 + x)`` (natural log, as scanpy's ``log1p``).
+
+    The input must be non-negative (raw or normalised counts): a minibatch with a negative
+    value raises a ``ValueError`` before it is transformed (``log1p`` of values below -1 is
+    NaN, and of values in (-1, 0) negative).
+    """
 
     keeps_zeros = True
 
     def forward(self, x_ng: torch.Tensor) -> torch.Tensor:
+        check_nonnegative(x_ng, "log1p", "log1p=False (no Log1p)")
         if is_csr(x_ng):
             return csr_with_values(x_ng, torch.log1p(x_ng.values()))
         return torch.log1p(x_ng)
@@ -120,6 +149,23 @@ def _read_stats_table(path: str) -> pd.DataFrame:
     return df
 
 
+def check_max_value(max_value) -> float | None:
+    """``max_value`` of :class:`ZScore` as a float ``> 0`` (or ``None``), else a clear error."""
+    if max_value is None:
+        return None
+    if isinstance(max_value, bool) or not isinstance(max_value, numbers.Real):
+        raise TypeError(
+            f"max_value must be a number or None, got {type(max_value).__name__} {max_value!r}."
+        )
+    if not max_value > 0:  # also rejects NaN
+        raise ValueError(
+            f"max_value={max_value} must be > 0: z-scores are clipped to "
+            "[-max_value, max_value], so max_value <= 0 would make every value 0; pass "
+            "max_value=None for no clipping."
+        )
+    return float(max_value)
+
+
 class ZScore(GeneTransform):
     """Centre and scale every gene: ``(x - mean_g) / std_g`` (scanpy's ``scale``).
 
@@ -136,7 +182,8 @@ class ZScore(GeneTransform):
         output of :class:`cellsight.stats.OnePassMeanVarStd` or ``cellsight.pp.mean_var``), so
         a mean/var run can feed a z-scored PCA run.
     max_value
-        Clip the result to ``[-max_value, max_value]`` (scanpy's ``max_value``).
+        Clip the result to ``[-max_value, max_value]`` (scanpy's ``max_value``); must be
+        ``> 0`` (``None``: no clipping).
     """
 
     def __init__(
@@ -148,6 +195,7 @@ class ZScore(GeneTransform):
         max_value: float | None = None,
     ) -> None:
         super().__init__()
+        max_value = check_max_value(max_value)
         if stats_path is not None:
             df = _read_stats_table(stats_path)
             mean_g, std_g, var_names_g = df["mean"].to_numpy(), df["std"].to_numpy(), df.index
@@ -180,7 +228,8 @@ class ZScore(GeneTransform):
             missing = names[pos < 0]
             raise ValueError(
                 f"ZScore has no mean/std for {len(missing)} input gene(s) "
-                f"({', '.join(map(repr, missing[:5]))}{', ...' if len(missing) > 5 else ''}); "
+                f"({', '.join(repr(str(m)) for m in missing[:5])}"
+                f"{', ...' if len(missing) > 5 else ''}); "
                 "compute the statistics on the same genes (after the same Filter)."
             )
         idx = torch.as_tensor(pos)
@@ -230,8 +279,10 @@ class Filter(GeneTransform):
             miss = self.filter_list[absent]
             raise ValueError(
                 f"{len(miss)} gene(s) of filter_list are not in the data "
-                f"({', '.join(map(repr, miss[:5]))}{', ...' if len(miss) > 5 else ''}); remove "
-                "them from filter_list or pass missing='zero' to add them as zero columns."
+                f"({', '.join(repr(str(m)) for m in miss[:5])}"
+                f"{', ...' if len(miss) > 5 else ''}); check the gene names (genes= or "
+                "filter_list) against var_names and remove the unknown ones, or give Filter "
+                "missing='zero' to add them as zero columns."
             )
         self.index_g = torch.as_tensor(np.where(absent, 0, pos), dtype=torch.long)
         self.present_g = torch.as_tensor(~absent)
@@ -277,6 +328,21 @@ def apply_transforms(
     if is_csr(x_ng) and not keep_sparse:
         x_ng = x_ng.to_dense()
     return x_ng
+
+
+def bind_transforms(
+    transforms: Sequence[torch.nn.Module], var_names_g: Sequence[str] | np.ndarray
+) -> np.ndarray:
+    """Bind a chain to the input genes, in order; return the genes of its output.
+
+    Call it before streaming: an unknown gene of a :class:`Filter` (or a gene without
+    statistics in a :class:`ZScore`) fails here, before any data is read.
+    """
+    names = np.asarray(var_names_g).astype(str)
+    for t in transforms:
+        if hasattr(t, "setup_genes"):
+            names = t.setup_genes(names)
+    return names
 
 
 def standard_transforms(

@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 
 from cellsight.interpret.information_flow import information_flow
+from cellsight.models.checks import check_int
 
 __all__ = ["latent_information_flow"]
 
@@ -30,6 +31,8 @@ def latent_information_flow(
 ) -> tuple[pd.DataFrame, pd.Series]:
     """See :meth:`cellsight.models.CauTrigger1L.compute_information_flow`."""
     model._check_trained()
+    for name, value in (("n_cells", n_cells), ("n_alpha", n_alpha), ("n_beta", n_beta)):
+        check_int(value, name)
     m = model.module
     k = m.n_latent
     dims = list(range(k)) if dims is None else [int(d) for d in dims]

@@ -16,6 +16,7 @@ import torch
 from anndata import AnnData
 
 from cellsight.data.validate import cell_positions
+from cellsight.interpret.rank import check_top_n
 from cellsight.interpret.rank import rank_features as _rank_features
 
 __all__ = ["PredictionMixin"]
@@ -131,6 +132,7 @@ class PredictionMixin:
         Columns ``feature``, ``feature_idx``, ``attribution_mean``, ``attribution_std``,
         ``attribution_abs_mean``, ``n_cells``, ``rank`` (and ``group`` with ``groupby``).
         """
+        check_top_n(top_n)  # before the attributions are computed
         if attributions is None:
             attributions = self.predict(adata, indices, interpretability="ig")
         explained = None

@@ -13,6 +13,7 @@ from scvi import REGISTRY_KEYS as K
 
 from cellsight.interpret.mixin import InterpretMixin
 from cellsight.models.base import BaseModel
+from cellsight.models.checks import check_int
 from cellsight.models.expression import ExpressionMixin
 from cellsight.models.scvi.module import SingleCellVariationalInference
 from cellsight.train import EpochMetricsTrainingPlan
@@ -224,6 +225,7 @@ class SCVI(ExpressionMixin, InterpretMixin, BaseModel):
         return_dist
             Return ``(mean, variance)`` of ``q(z|x)`` instead.
         """
+        check_int(mc_samples, "mc_samples")
         means, variances, zs = [], [], []
         with self._seeded():
             for tensors in self._loader(adata, indices, batch_size):
