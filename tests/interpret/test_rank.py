@@ -91,7 +91,7 @@ def test_missing_groups_and_nan_attributions_are_rejected():
 
 @pytest.mark.parametrize("top_n", [2.5, 2.0, "3", True])
 def test_non_integer_top_n_is_a_type_error(top_n):
-    with pytest.raises(TypeError, match="top_n must be a positive integer"):
+    with pytest.raises(TypeError, match="must be an integer >= 1"):
         rank_features(_attr(), top_n=top_n)
 
 

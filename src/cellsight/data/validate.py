@@ -13,6 +13,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from cellsight.checks import check_int
+
 __all__ = [
     "check_not_empty",
     "check_unique_var_names",
@@ -73,11 +75,7 @@ def cell_positions(indices, n_obs: int, name: str = "indices") -> np.ndarray:
 
 def check_batch_size(batch_size, name: str = "batch_size", minimum: int = 1) -> int:
     """``batch_size`` as an int ``>= minimum``; ``bool`` and non-integers are a ``TypeError``."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise TypeError(f"{name}={batch_size!r} must be an integer >= {minimum}.")
-    if batch_size < minimum:
-        raise ValueError(f"{name}={batch_size} must be >= {minimum}.")
-    return int(batch_size)
+    return check_int(batch_size, name, minimum)
 
 
 def check_not_empty(adata: AnnData) -> None:

@@ -20,11 +20,12 @@ standard-normal draws (:func:`draw_noise`), so they agree to rounding.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from cellsight.checks import check_int
 
 __all__ = ["FlowNoise", "draw_noise", "information_flow", "information_flow_loop"]
 
@@ -63,9 +64,9 @@ def draw_noise(
 ) -> FlowNoise:
     """The standard-normal draws used by :func:`information_flow` for these sizes."""
     a, b = _split_dims(dims, n_latent)
-    _check_count(n_cells, "n_cells", "cells to draw for")
-    _check_count(n_alpha, "n_alpha", "draws of the measured block per cell")
-    _check_count(n_beta, "n_beta", "draws of the other dimensions per block draw")
+    check_int(n_cells, "n_cells", what="cells to draw for")
+    check_int(n_alpha, "n_alpha", what="draws of the measured block per cell")
+    check_int(n_beta, "n_beta", what="draws of the other dimensions per block draw")
     kw = {"generator": generator, "dtype": dtype}
     alpha = torch.randn((n_cells, n_alpha, len(a)), **kw)
     beta = torch.randn((n_cells, n_alpha, n_beta, len(b)), **kw)
@@ -81,14 +82,6 @@ def _scale(eps: torch.Tensor, mu: torch.Tensor, std: torch.Tensor, source: str) 
 def _entropy(p: torch.Tensor, eps: float) -> torch.Tensor:
     p = p.clamp(eps, 1.0)
     return -(p * p.log()).sum(-1)
-
-
-def _check_count(value, name: str, what: str) -> None:
-    """``value`` must be an integer >= 1 (``TypeError`` / ``ValueError`` otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer >= 1, got {type(value).__name__} {value!r}.")
-    if value < 1:
-        raise ValueError(f"{name}={value} must be >= 1 ({what}).")
 
 
 def _check_args(mu_nk, std_nk, outer, inner):

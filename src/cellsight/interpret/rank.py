@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+
+from cellsight.checks import check_int
 
 __all__ = ["rank_features", "as_attribution_array", "check_top_n"]
 
@@ -70,16 +71,7 @@ def check_top_n(top_n) -> int | None:
 
     Callers that compute attributions first should call it before doing so.
     """
-    if top_n is None:
-        return None
-    if isinstance(top_n, bool) or not isinstance(top_n, numbers.Integral):
-        raise TypeError(
-            f"top_n must be a positive integer (a number of features) or None, got "
-            f"{type(top_n).__name__} {top_n!r}."
-        )
-    if top_n < 1:
-        raise ValueError(f"top_n={top_n} must be a positive number of features (or None for all).")
-    return int(top_n)
+    return check_int(top_n, "top_n", allow_none=True, what="a number of features; None: all")
 
 
 def rank_features(

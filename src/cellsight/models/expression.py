@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from cellsight.models.checks import check_int
+from cellsight.checks import check_int
 
 __all__ = ["ExpressionMixin"]
 

@@ -26,7 +26,6 @@ variable genes). ``"auto"`` uses it up to :data:`GRAM_MAX_GENES` genes.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import Literal
 
@@ -35,6 +34,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from cellsight.checks import check_int
 from cellsight.data.sparse import csr_to_scipy, csr_with_values, is_csr
 from cellsight.stats.base import StreamingModel, all_gather_stack, all_reduce_sum, world_info
 from cellsight.stats.mean_var import combine_moments
@@ -94,13 +94,7 @@ def check_n_components(n_components, n_vars: int, n_obs: int | None = None) -> i
     ``n_obs`` (when known before the pass) bounds it too: ``n`` cells span at most ``n``
     directions, and components beyond them would be all-zero.
     """
-    if isinstance(n_components, bool) or not isinstance(n_components, numbers.Integral):
-        raise TypeError(
-            f"n_components must be an integer, got {type(n_components).__name__} "
-            f"{n_components!r}."
-        )
-    if n_components < 1:
-        raise ValueError(f"n_components={n_components} must be >= 1.")
+    n_components = check_int(n_components, "n_components")
     if n_components > n_vars:
         raise ValueError(
             f"n_components={n_components} is more than the number of genes ({n_vars}); "

@@ -9,7 +9,6 @@ different shifts.
 
 from __future__ import annotations
 
-import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cellsight.checks import check_int
 from cellsight.data.sparse import csr_row_index, is_csr
 from cellsight.stats.base import StreamingModel, all_gather_stack, all_reduce_sum, world_info
 
@@ -356,18 +356,10 @@ class OnePassMeanVarStd(StreamingModel):
 
 
 def check_ddof(ddof) -> int:
-    """``ddof`` as an int, or a ``TypeError`` / ``ValueError`` saying what is wrong."""
-    if isinstance(ddof, bool) or not isinstance(ddof, numbers.Integral):
-        raise TypeError(
-            f"ddof must be an integer (0: population variance, 1: sample variance), got "
-            f"{type(ddof).__name__} {ddof!r}."
-        )
-    if ddof < 0:
-        raise ValueError(
-            f"ddof={ddof} must be >= 0 (the variance divides by n - ddof); use 0 for the "
-            "population variance or 1 for the sample variance."
-        )
-    return int(ddof)
+    """``ddof`` as an int ``>= 0``, or a ``TypeError`` / ``ValueError`` saying what is wrong."""
+    return check_int(ddof, "ddof", minimum=0, what=(
+        "the variance divides by n - ddof: 0 for the population variance, 1 for the sample "
+        "variance"))
 
 
 def _variance(m2: torch.Tensor, n: torch.Tensor, ddof: int) -> torch.Tensor:

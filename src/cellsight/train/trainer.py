@@ -9,11 +9,11 @@ import warnings
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import pandas as pd
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import CSVLogger
 
+from cellsight.checks import check_int, is_integer
 from cellsight.train.callbacks import HistoryCallback, read_history
 
 __all__ = ["fit", "resolve_strategy", "check_fit_args"]
@@ -140,18 +140,13 @@ def check_fit_args(max_epochs, devices=1) -> None:
     """Reject a ``max_epochs`` that is not an integer >= 1 (Lightning reads -1 as "forever"
     and 0 as "train nothing") and a ``devices`` Lightning would reject or misread: a positive
     int, ``"auto"``, ``-1`` (all), a digit string or a non-empty list of device indices."""
-    if isinstance(max_epochs, bool) or not isinstance(max_epochs, (int, np.integer)) or (
-            max_epochs < 1):
-        raise ValueError(f"max_epochs={max_epochs!r} must be an integer >= 1.")
+    check_int(max_epochs, "max_epochs")
     if isinstance(devices, str):
         ok = devices == "auto" or devices.strip().lstrip("-").isdigit() and int(devices) != 0
     elif isinstance(devices, (list, tuple)):
-        ok = len(devices) > 0 and all(
-            isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0
-            for d in devices)
+        ok = len(devices) > 0 and all(is_integer(d) and d >= 0 for d in devices)
     else:
-        ok = isinstance(devices, (int, np.integer)) and not isinstance(devices, bool) and (
-            devices >= 1 or devices == -1)
+        ok = is_integer(devices) and (devices >= 1 or devices == -1)
     if not ok:
         raise ValueError(
             f"devices={devices!r} must be a positive number of devices (1 trains in this "

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cellsight.checks import check_int
 from cellsight.interpret.information_flow import information_flow
-from cellsight.models.checks import check_int
 
 __all__ = ["latent_information_flow"]
 

@@ -36,7 +36,7 @@ from scvi.module.base import LossOutput
 from scvi.nn import Encoder
 from torch.distributions import Normal, kl_divergence
 
-from cellsight.models.checks import check_int
+from cellsight.checks import check_int
 from cellsight.models.fadvi.correlation import correlation_penalty_of, cross_correlation_penalty
 from cellsight.models.fadvi.encoders import encode_fused, gaussian_params, with_fast_dropout
 from cellsight.models.fadvi.heads import ParallelClassifiers

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cellsight.models.checks import check_choice, check_fraction, check_int
+from cellsight.checks import check_choice, check_fraction, check_int
 
 __all__ = ["network_config", "check_choice", "check_fraction", "check_int", "check_module_args"]
 

@@ -11,9 +11,9 @@ import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS as K
 
+from cellsight.checks import check_int
 from cellsight.interpret.mixin import InterpretMixin
 from cellsight.models.base import BaseModel
-from cellsight.models.checks import check_int
 from cellsight.models.expression import ExpressionMixin
 from cellsight.models.scvi.module import SingleCellVariationalInference
 from cellsight.train import EpochMetricsTrainingPlan

@@ -27,7 +27,7 @@ from scvi.module.base import BaseModuleClass, LossOutput
 from scvi.nn import DecoderSCVI, Encoder
 from torch.distributions import Distribution, Normal, kl_divergence
 
-from cellsight.models.checks import check_int
+from cellsight.checks import check_int
 from cellsight.models.scvi.config import check_module_args, network_config
 from cellsight.models.scvi.reconstruct import reconstruct_counts
 from cellsight.nn.flows import FlowPrior
