@@ -279,3 +279,27 @@ def test_scvi_expression_and_deeplift_run_on_the_real_module(scvi_model):
     dl = model.get_feature_attributions(target_index=1, method="deeplift", show_progress=False)
     assert expr.shape == (120, 20, 2) and np.isfinite(expr).all()
     assert np.isfinite(dl.to_numpy()).all()
+
+
+def test_shap_leaves_every_submodule_in_its_mode(scvi_model):
+    """shap switches the explained function's mode; restoring the *wrapper's* default mode
+    put the whole model in training mode (dropout, BatchNorm batch statistics) for every later
+    pass. Every submodule must come back in its own mode, and a SHAP permutation test (which
+    re-explains one-cell-wide shuffles) must run on a BatchNorm model."""
+    model, _ = scvi_model
+    model.module.eval()
+    before = [m.training for m in model.module.modules()]
+    a1 = model.get_feature_attributions(target_index=0, method="shap", n_samples=8,
+                                        show_progress=False)
+    assert [m.training for m in model.module.modules()] == before
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in model.module.modules())
+    # eval-mode passes after SHAP: IG equals IG before it
+    ig0 = model.get_feature_attributions(target_index=0, n_steps=8, show_progress=False)
+    model.get_feature_attributions(target_index=0, method="shap", n_samples=8,
+                                   show_progress=False)
+    ig1 = model.get_feature_attributions(target_index=0, n_steps=8, show_progress=False)
+    pd.testing.assert_frame_equal(ig0, ig1)
+    assert np.isfinite(a1.to_numpy()).all()
+    sig = model.get_feature_significance(target_index=0, method="shap", test="permutation",
+                                         n_perm=5, indices=np.arange(20), show_progress=False)
+    assert np.all((sig["pvalue"] >= 0) & (sig["pvalue"] <= 1))

@@ -297,7 +297,11 @@ def shap_attributions(
     out = np.zeros((n, *x.shape[1:], len(columns)), dtype=np.float64)
     groups = _group_cells(args, per_cell, n)
     owner = forward if isinstance(forward, torch.nn.Module) else getattr(forward, "__self__", None)
-    was_training = owner.training if isinstance(owner, torch.nn.Module) else None
+    # shap switches modes (``eval()`` on what it explains); restore every submodule's own mode
+    # afterwards: ``owner.train(mode)`` would set the wrapper's default mode (training) on the
+    # explained model too, and every later pass would drop out and use batch statistics
+    modes = [(m, m.training) for m in owner.modules()] if isinstance(
+        owner, torch.nn.Module) else []
     np_state = np.random.get_state()  # noqa: NPY002 - GradientExplainer reseeds numpy's global generator
     bar = progress(n, f"shap ({explainer})", show_progress)
     try:
@@ -329,6 +333,6 @@ def shap_attributions(
     finally:
         bar.close()
         np.random.set_state(np_state)  # noqa: NPY002
-        if was_training is not None:
-            owner.train(was_training)
+        for module, mode in modes:
+            module.training = mode
     return out
