@@ -303,3 +303,47 @@ def test_shap_leaves_every_submodule_in_its_mode(scvi_model):
     sig = model.get_feature_significance(target_index=0, method="shap", test="permutation",
                                          n_perm=5, indices=np.arange(20), show_progress=False)
     assert np.all((sig["pvalue"] >= 0) & (sig["pvalue"] <= 1))
+
+
+@pytest.mark.parametrize("method", ["ig", "gs", "deeplift", "shap"])
+def test_path_methods_of_a_zinb_loss_are_refused(method):
+    """The ZINB log-likelihood jumps where a count reaches 0: IG of the loss missed
+    completeness by the size of the loss (attributions summing to +6 for a loss difference of
+    -25). NB has no jump: IG of its loss adds up."""
+    from cellsight.models import SCVI
+
+    adata = toy_adata(n_cells=60, n_genes=12, seed=3)
+    SCVI.setup_anndata(adata)
+    zinb = SCVI(adata, n_hidden=8, n_latent=2, gene_likelihood="zinb", seed=0)
+    with pytest.raises(ValueError, match="discontinuous at zero counts"):
+        zinb.get_feature_attributions(target="loss", method=method, baselines="mean",
+                                      show_progress=False)
+    with pytest.raises(ValueError, match="discontinuous at zero counts"):
+        zinb.get_feature_significance(target="loss", method=method, baselines="mean",
+                                      test="sign", show_progress=False)
+    assert np.isfinite(zinb.get_feature_attributions(
+        target="loss", method="ixg", show_progress=False).to_numpy()).all()
+    if method == "ig":
+        nb = SCVI(adata, n_hidden=8, n_latent=2, gene_likelihood="nb", seed=0)
+        attr, delta = nb.get_feature_attributions(target="loss", baselines="mean", n_steps=200,
+                                                  return_delta=True, show_progress=False)
+        assert np.all(np.abs(delta) <= 0.01 * np.abs(attr.to_numpy()).sum(1) + 1e-3)
+
+
+def test_fadvi_deeplift_runs_and_warns_that_it_does_not_add_up():
+    """FADVI's fused training pass stacks the three encoders as (3, cells, hidden), which
+    captum's DeepLIFT hooks split along the wrong axis (a raw shape error); in eval mode the
+    encoders run one by one. DeepLIFT then runs, and says that its attributions of this model
+    (functional log1p / exp) do not satisfy summation-to-delta."""
+    from cellsight.models import FADVI
+
+    adata = toy_adata(n_cells=60, n_genes=12, seed=4)
+    adata.obs["cell_type"] = np.array(["a", "b", "c"])[np.arange(60) % 3]
+    FADVI.setup_anndata(adata, batch_key="batch", labels_key="cell_type")
+    model = FADVI(adata, n_hidden=8, n_latent_b=2, n_latent_l=2, n_latent_r=2, seed=0)
+    model.train(max_epochs=1, batch_size=30, enable_progress_bar=False)
+    assert model.module.fused_encoders and not model.module.training
+    with pytest.warns(UserWarning, match="do not add up"):
+        dl = model.get_feature_attributions(target="latent", target_index=0, method="deeplift",
+                                            show_progress=False)
+    assert dl.shape == (60, 12) and np.isfinite(dl.to_numpy()).all()

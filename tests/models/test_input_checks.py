@@ -231,3 +231,16 @@ def test_ranked_features_check_top_n_before_computing_attributions(monkeypatch):
     monkeypatch.setattr(m, "predict", no_predict)
     with pytest.raises(TypeError, match="top_n=2.5 must be an integer >= 1"):
         m.get_ranked_features(top_n=2.5)
+
+
+def test_cautrigger2l_on_a_shard_stub_names_the_limitation(cascade, tmp_path):
+    from cellsight.data import read_shards
+
+    paths = []
+    for k, (lo, hi) in enumerate([(0, 50), (50, 120)]):
+        p = str(tmp_path / f"s{k}.h5ad")
+        cascade[lo:hi].copy().write_h5ad(p)
+        paths.append(p)
+    stub = read_shards(paths)
+    with pytest.raises(ValueError, match="read_shards stub streams X only"):
+        CauTrigger2L.setup_anndata(stub)

@@ -149,6 +149,26 @@ def _warn_functional(fn: ExplainedFunction, what: str) -> None:
         )
 
 
+def _warn_incomplete(attr: torch.Tensor, delta: torch.Tensor, multiply_by_inputs: bool) -> None:
+    """Warn when DeepLIFT's attributions miss its summation-to-delta property by more than 5%
+    (median over the rows): captum's rules cover ``nn.Module`` nonlinearities only, and the
+    models' functional ones (``log1p`` of the counts, ``exp``, ``softmax``) get plain
+    gradients, which do not add up."""
+    if not multiply_by_inputs:
+        return
+    total = attr.detach().reshape(attr.shape[0], -1).sum(1)
+    d = delta.detach().reshape(attr.shape[0], -1).mean(1)
+    rel = d.abs() / (total - d).abs().clamp_min(1e-12)
+    if rel.numel() and float(rel.median()) > 0.05:
+        warnings.warn(
+            "DeepLIFT's attributions do not add up to f(x) - f(baseline) here (median relative "
+            "error above 5%): its rules cover nn.Module nonlinearities only, and this model's "
+            "functional ones (log1p of the counts, exp, softmax) get plain gradients. Use "
+            "method='ig' for attributions that add up (check with return_delta=True).",
+            stacklevel=4,
+        )
+
+
 def _fast(explainer):
     explainer.gradient_func = summed_gradients
     return explainer
@@ -220,12 +240,15 @@ def captum_call(
                         baselines=baselines,
                         target=target,
                         additional_forward_args=fargs,
-                        return_convergence_delta=return_convergence_delta,
+                        return_convergence_delta=True,  # checked below
                         **method_kwargs,
                     )
             finally:
                 for h in hooks:
                     h.remove()
+            _warn_incomplete(out[0], out[1], multiply_by_inputs)
+            if not return_convergence_delta:
+                out = out[0]
             if used_softmax:
                 warnings.warn(
                     "captum's DeepLIFT rule for nn.Softmax normalises over the whole batch (it "

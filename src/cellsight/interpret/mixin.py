@@ -34,6 +34,9 @@ __all__ = ["InterpretMixin"]
 
 TargetFn = Callable[[torch.nn.Module, dict], torch.Tensor]
 
+# methods that evaluate the model away from the explained cells (paths, references)
+_PATH_METHODS = ("ig", "gs", "deeplift", "shap")
+
 
 class InterpretMixin:
     """Attributions, rankings and significance for a model (see the module docstring)."""
@@ -145,7 +148,9 @@ class InterpretMixin:
         baselines
             ``"zeros"``, ``"mean"``, ``"background"``, a number or an array (see
             :func:`cellsight.interpret.attribute`). With ``target="loss"`` use ``"mean"``:
-            the log library size is undefined at zero counts.
+            the log library size is undefined at zero counts. Path methods (``"ig"``,
+            ``"gs"``, ``"deeplift"``, ``"shap"``) of the loss of a ZINB model are refused
+            with a ``ValueError``: its log-likelihood jumps at zero counts.
         n_steps
             Integrated Gradients steps.
         batch_size, internal_batch_size
@@ -166,6 +171,7 @@ class InterpretMixin:
         Cells x genes DataFrame (one output) or array ``(cells, genes, outputs)``; with
         ``return_delta`` a tuple with the deltas.
         """
+        self._check_method_target(method, target)
         fn, x, fixed, obs, out_names, eng_target = self._explained(
             adata, indices, target, target_index, batch_size
         )
@@ -193,6 +199,21 @@ class InterpretMixin:
         if attrs.ndim == 2 and not return_numpy:
             attrs = pd.DataFrame(attrs, index=obs, columns=self.var_names)
         return (attrs, delta) if return_delta else attrs
+
+    def _check_method_target(self, method: str, target) -> None:
+        """Reject path methods on the ZINB loss: its log-likelihood jumps where a count
+        reaches zero (the zero-inflated branch holds at exactly 0 only), so every path from a
+        baseline to cells with zero counts crosses a step that gradients do not see, and the
+        attributions do not add up to the loss difference (errors of the size of the loss)."""
+        if (target == "loss" and method in _PATH_METHODS
+                and getattr(self.module, "gene_likelihood", None) == "zinb"):
+            raise ValueError(
+                f"method={method!r} with target='loss' is not meaningful for a ZINB model: the "
+                "ZINB log-likelihood is discontinuous at zero counts, which every path from a "
+                "baseline crosses, so the attributions would not add up to the loss. Use "
+                "method='grad' or 'ixg' (local gradients), target='expression' or 'latent', or "
+                "a model with gene_likelihood='nb'."
+            )
 
     def _explained(self, adata, indices, target, target_index, batch_size):
         if isinstance(target, str):
@@ -314,6 +335,7 @@ class InterpretMixin:
         if test not in ("permutation", "sign"):
             raise ValueError(f"test={test!r} must be 'permutation' or 'sign'.")
         seed = self.seed if seed is None else int(seed)
+        self._check_method_target(method, target)
         fn, x, fixed, _, _, eng_target = self._explained(
             adata, indices, target, target_index, attribute_kwargs.get("batch_size")
         )

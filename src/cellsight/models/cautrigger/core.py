@@ -15,6 +15,7 @@ from scvi.data import fields as scvi_fields
 from cellsight.data import registry as R
 from cellsight.data import validate as V
 from cellsight.data.datamodule import AnnDataModule
+from cellsight.data.shards import is_sharded
 from cellsight.models.base import BaseModel
 from cellsight.models.cautrigger.attention import de_prior, fit_attention_prior
 from cellsight.models.cautrigger.module import DOWN_KEY, LOSS_TERMS, CauTriggerModule
@@ -456,6 +457,13 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _check_down(adata: AnnData, key: str) -> None:
+    if is_sharded(adata):
+        raise ValueError(
+            f"CauTrigger2L needs the downstream matrix adata.obsm[{key!r}] in memory, and a "
+            "read_shards stub streams X only (its obsm is empty even when the shard files hold "
+            f"{key!r}). Load the cells into one AnnData (anndata.read_h5ad, or anndata.concat "
+            "of the shards), or train CauTrigger1L, which streams from shards."
+        )
     if key not in adata.obsm:
         raise ValueError(
             f"adata.obsm has no {key!r}: CauTrigger2L needs the downstream features of every "

@@ -296,7 +296,7 @@ class FactorDisentanglementVAE(SingleCellVariationalInference):
             x_cov = torch.cat([x_in, cont_covs_nc], dim=-1)
         shape = torch.Size([]) if n_samples == 1 else torch.Size([n_samples])
         widths = [self.n_latent_b, self.n_latent_l, self.n_latent_r]
-        if self.fused_encoders:
+        if self.fused_encoders and self.training:  # the training-speed path, see the property
             loc_nk, scale_nk = self._encode_fused_nk(x_in)
         else:
             params = []
@@ -340,9 +340,11 @@ class FactorDisentanglementVAE(SingleCellVariationalInference):
 
     @property
     def fused_encoders(self) -> bool:
-        """Whether :meth:`inference` runs the three encoders as one batched pass (see
-        :meth:`_encode_fused`): when none of them takes covariates or has BatchNorm (or an
-        affine LayerNorm)."""
+        """Whether :meth:`inference` runs the three encoders as one batched pass in training
+        (see :meth:`_encode_fused`): when none of them takes covariates or has BatchNorm (or an
+        affine LayerNorm). In eval mode (inference, attributions) the three encoders run one
+        by one: the same function, and captum's DeepLIFT hooks, which take the cells to be the
+        first axis of every layer's input, see no stacked ``(3, cells, hidden)`` tensor."""
         return not self.encode_covariates and not self._unfusable_norm
 
     def _encode_fused(self, x_in: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
