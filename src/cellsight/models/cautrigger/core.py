@@ -16,11 +16,13 @@ from cellsight.data import registry as R
 from cellsight.data import validate as V
 from cellsight.data.datamodule import AnnDataModule
 from cellsight.data.shards import is_sharded
+from cellsight.interpret.mixin import InterpretMixin
 from cellsight.models.base import BaseModel
 from cellsight.models.cautrigger.attention import de_prior, fit_attention_prior
 from cellsight.models.cautrigger.module import DOWN_KEY, LOSS_TERMS, CauTriggerModule
 from cellsight.models.cautrigger.plan import CauTriggerTrainingPlan
 from cellsight.models.cautrigger.priors import cascade_prior, pcr_prior
+from cellsight.models.cautrigger.targets import CAUTRIGGER_TARGETS, DOWNSTREAM_TARGETS
 from cellsight.models.cautrigger.weights import resolve_scheme
 from cellsight.train import check_fit_args, check_lr
 
@@ -41,9 +43,15 @@ def _accelerator(use_gpu: Any) -> tuple[str, Any]:
     return "gpu", 1
 
 
-class CauTriggerBase(BaseModel):
+class CauTriggerBase(InterpretMixin, BaseModel):
     """Shared implementation; use :class:`~cellsight.models.CauTrigger1L` or
-    :class:`~cellsight.models.CauTrigger2L`."""
+    :class:`~cellsight.models.CauTrigger2L`.
+
+    Besides CauTrigger's own scores, the shared engine's ``get_feature_attributions``,
+    ``rank_features`` and ``get_feature_significance`` explain the targets
+    ``"state_probability"``, ``"state_logit"``, ``"latent"`` (and ``"downstream"`` for 2L)
+    of the raw upstream counts with every engine method
+    (:mod:`cellsight.models.cautrigger.targets`)."""
 
     _plan_cls = CauTriggerTrainingPlan
     _requires_counts = False
@@ -181,6 +189,21 @@ class CauTriggerBase(BaseModel):
                 "its inputs. Pass counts or normalised (non-negative) expression, or build the "
                 "model with log1p=False for data already on a log scale."
             )
+
+    # ------------------------------------------------------------------ engine targets
+    def _attribution_targets(self) -> dict:
+        return {**CAUTRIGGER_TARGETS, **(DOWNSTREAM_TARGETS if self._two_layer else {})}
+
+    def _attribution_output_names(self, target: str, n_outputs: int) -> list[str]:
+        if target.startswith("state_") and n_outputs == len(self.label_categories):
+            return self.label_categories
+        if target == "latent" and n_outputs == self.module.n_latent:
+            n_c = self.module.n_causal
+            return [f"z_c{i}" for i in range(n_c)] + [
+                f"z_s{i}" for i in range(n_outputs - n_c)]
+        if target == "downstream" and n_outputs == len(self.down_feature_names):
+            return self.down_feature_names
+        return super()._attribution_output_names(target, n_outputs)
 
     @property
     def label_categories(self) -> list[str]:
