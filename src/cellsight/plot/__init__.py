@@ -4,4 +4,5 @@ from cellsight.plot.causal import (  # noqa: F401
     feature_weight_bars,
     information_flow_bars,
 )
+from cellsight.plot.fadvi import disentanglement_overview  # noqa: F401
 from cellsight.plot.training import embedding, embedding_and_loss, loss_curves  # noqa: F401
