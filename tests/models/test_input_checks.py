@@ -242,5 +242,5 @@ def test_cautrigger2l_on_a_shard_stub_names_the_limitation(cascade, tmp_path):
         cascade[lo:hi].copy().write_h5ad(p)
         paths.append(p)
     stub = read_shards(paths)
-    with pytest.raises(ValueError, match="read_shards stub streams X only"):
+    with pytest.raises(ValueError, match=r"obsm_keys=\['X_down'\]"):
         CauTrigger2L.setup_anndata(stub)

@@ -7,6 +7,7 @@ import numpy as np
 from scvi.data import AnnDataManager
 
 from cellsight.data.loaders import TensorBatchLoader, registry_arrays, split_indices
+from cellsight.data.shards import is_sharded
 from cellsight.data.validate import check_batch_size
 
 __all__ = ["AnnDataModule"]
@@ -48,6 +49,12 @@ class AnnDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         batch_size = check_batch_size(batch_size)
+        if is_sharded(manager.adata):
+            raise ValueError(
+                "AnnDataModule reads the matrices of an AnnData in memory, and this one is a "
+                "read_shards stub (its X is all zeros; the counts are in the files): use "
+                "cellsight.data.ShardedDataModule(stub, manager, ...)."
+            )
         self.arrays = registry_arrays(manager)
         n = manager.adata.n_obs
         if train_indices is None:

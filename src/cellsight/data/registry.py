@@ -21,6 +21,7 @@ from scvi.data import AnnDataManager
 from scvi.data import fields as scvi_fields
 
 from cellsight.data import validate as V
+from cellsight.data.shards import SHARDS_UNS_KEY
 
 __all__ = [
     "REGISTRY_KEYS",
@@ -87,7 +88,8 @@ def _fields(setup_args: dict[str, Any], is_count_data: bool) -> list:
 
 
 def shadow_anndata(adata: AnnData) -> AnnData:
-    """An AnnData sharing ``adata``'s matrices but owning copies of ``obs`` and ``var``."""
+    """An AnnData sharing ``adata``'s matrices but owning copies of ``obs`` and ``var`` (and the
+    record of a ``read_shards`` stub, so that the manager's AnnData is known to be one)."""
     shadow = AnnData(
         X=adata.X,
         obs=adata.obs.copy(),
@@ -95,6 +97,8 @@ def shadow_anndata(adata: AnnData) -> AnnData:
         layers={k: v for k, v in adata.layers.items()},
         obsm={k: v for k, v in adata.obsm.items()},
     )
+    if SHARDS_UNS_KEY in adata.uns:
+        shadow.uns[SHARDS_UNS_KEY] = adata.uns[SHARDS_UNS_KEY]
     return shadow
 
 

@@ -73,6 +73,25 @@ def _read_frame(root, key: str) -> pd.DataFrame:
     return anndata.io.read_elem(root[key])
 
 
+def _read_obsm(root, key: str, i: int, path: str, n: int):
+    """``obsm[key]`` of one shard as a 2-D numpy array or CSR matrix."""
+    if "obsm" not in root or key not in root["obsm"]:
+        raise ValueError(
+            f"Shard {i} ({path!r}) has no obsm[{key!r}]; every shard needs the obsm_keys "
+            "matrices (write them with the shards, or leave the key out)."
+        )
+    arr = anndata.io.read_elem(root["obsm"][key])
+    if isinstance(arr, pd.DataFrame):
+        arr = arr.to_numpy()
+    arr = arr.tocsr() if sp.issparse(arr) else np.asarray(arr)
+    if arr.ndim != 2 or arr.shape[0] != n:
+        raise ValueError(
+            f"Shard {i} ({path!r}) has obsm[{key!r}] of shape {arr.shape} for {n} cells; "
+            "it must be cells x columns."
+        )
+    return arr
+
+
 def _check_schema(i: int, path: str, path0: str, var0: pd.Index, cols0: list, var, obs) -> None:
     """Shard ``i`` must have shard 0's genes in the same order and the same obs columns."""
     var_names = pd.Index(var.index.astype(str))
@@ -173,8 +192,13 @@ def _concat_obs(frames: list[pd.DataFrame], columns: list) -> pd.DataFrame:
     return obs
 
 
-def read_shards(paths: Sequence[str | os.PathLike], layer: str | None = None) -> AnnData:
-    """An AnnData stub over ``.h5ad`` / zarr shards; reads ``obs`` and ``var`` only.
+def read_shards(
+    paths: Sequence[str | os.PathLike],
+    layer: str | None = None,
+    obsm_keys: Sequence[str] | None = None,
+) -> AnnData:
+    """An AnnData stub over ``.h5ad`` / zarr shards; reads ``obs`` and ``var`` (and the
+    ``obsm`` matrices named in ``obsm_keys``) only.
 
     Parameters
     ----------
@@ -184,6 +208,12 @@ def read_shards(paths: Sequence[str | os.PathLike], layer: str | None = None) ->
     layer
         The shards' layer streamed as the model's input (``None``: ``X``). It must be stored
         as CSR or dense in every shard.
+    obsm_keys
+        ``obsm`` matrices to load into the stub's ``obsm`` (concatenated over the shards, in
+        memory: per-cell side inputs such as CauTrigger2L's downstream matrix ``"X_down"``,
+        small next to ``X``), with their ``uns[key + "_feature"]`` names from shard 0 when
+        present. Every shard needs each of them, with the same number of columns. Models
+        stream ``X`` from the files and read these from the stub.
 
     Returns
     -------
@@ -201,13 +231,21 @@ def read_shards(paths: Sequence[str | os.PathLike], layer: str | None = None) ->
     dup = pd.Index(paths)[pd.Index(paths).duplicated()]
     if len(dup):
         raise ValueError(f"Shard path(s) given more than once: {list(dup)}; pass each once.")
+    obsm_keys = [] if obsm_keys is None else [str(k) for k in obsm_keys]
     frames, n_obs = [], []
+    side: dict[str, list] = {k: [] for k in obsm_keys}
+    side_uns: dict[str, object] = {}
     var0 = cols0 = var_frame = None
     for i, path in enumerate(paths):
         root = open_shard(path)
         try:
             obs, var = _read_frame(root, "obs"), _read_frame(root, "var")
             _, shape = matrix_kind(matrix_elem(root, layer, path), path)
+            for key in obsm_keys:
+                side[key].append(_read_obsm(root, key, i, path, len(obs)))
+                if i == 0 and "uns" in root and f"{key}_feature" in root["uns"]:
+                    side_uns[f"{key}_feature"] = anndata.io.read_elem(
+                        root["uns"][f"{key}_feature"])
         finally:
             if isinstance(root, h5py.File):
                 root.close()
@@ -231,6 +269,16 @@ def read_shards(paths: Sequence[str | os.PathLike], layer: str | None = None) ->
     stub = AnnData(X=zeros, obs=obs, var=var_frame)
     if layer is not None:
         stub.layers[layer] = zeros
+    for key, parts in side.items():
+        widths = {p.shape[1] for p in parts}
+        if len(widths) != 1:
+            raise ValueError(
+                f"obsm[{key!r}] has {sorted(widths)} columns in different shards; every shard "
+                "needs the same columns."
+            )
+        stub.obsm[key] = sp.vstack(parts).tocsr() if any(sp.issparse(p) for p in parts) else (
+            np.concatenate(parts))
+    stub.uns.update(side_uns)
     stub.uns[SHARDS_UNS_KEY] = json.dumps({"paths": paths, "n_obs": n_obs, "layer": layer})
     return stub
 

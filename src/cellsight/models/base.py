@@ -266,6 +266,19 @@ class BaseModel:
         n = self.adata.n_obs if self.adata is not None else 20000
         return int(min(round((20000 / max(n, 1)) * 400), 400))
 
+    def _datamodule(self, train_size: float, validation_size: float | None, batch_size: int,
+                    seed: int, shuffle_set_split: bool = True):
+        """The training data module of the registered AnnData: a :class:`ShardedDataModule`
+        that streams the files of a ``read_shards`` stub (counts checked per chunk), else an
+        in-memory :class:`AnnDataModule`."""
+        kw = dict(train_size=train_size, validation_size=validation_size,
+                  batch_size=batch_size, seed=seed, shuffle_set_split=shuffle_set_split)
+        if is_sharded(self.adata):
+            lk = self._count_likelihood()
+            return ShardedDataModule(self.adata, self.adata_manager, require_counts=lk is not None,
+                                     likelihood=lk, **kw)
+        return AnnDataModule(self.adata_manager, **kw)
+
     def _plan_kwargs(self) -> dict[str, Any]:
         """Model-specific defaults for the training plan (overridden by ``plan_kwargs``)."""
         return {}
@@ -348,28 +361,8 @@ class BaseModel:
                 raise ValueError(
                     "This model has no AnnData to train on; pass datamodule= or load it with adata."
                 )
-            if is_sharded(self.adata):  # stream the shards (counts checked per chunk)
-                lk = self._count_likelihood()
-                datamodule = ShardedDataModule(
-                    self.adata,
-                    self.adata_manager,
-                    train_size=train_size,
-                    validation_size=validation_size,
-                    batch_size=batch_size,
-                    seed=seed,
-                    shuffle_set_split=shuffle_set_split,
-                    require_counts=lk is not None,
-                    likelihood=lk,
-                )
-            else:
-                datamodule = AnnDataModule(
-                    self.adata_manager,
-                    train_size=train_size,
-                    validation_size=validation_size,
-                    batch_size=batch_size,
-                    seed=seed,
-                    shuffle_set_split=shuffle_set_split,
-                )
+            datamodule = self._datamodule(train_size, validation_size, batch_size, seed,
+                                          shuffle_set_split)
             self.train_indices_ = datamodule.train_indices
             self.validation_indices_ = datamodule.validation_indices
         kwargs = {"lr": lr, **self._plan_kwargs(), **(plan_kwargs or {})}

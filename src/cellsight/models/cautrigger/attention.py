@@ -11,6 +11,7 @@ from scipy import stats
 from scvi import REGISTRY_KEYS as K
 
 from cellsight.data.datamodule import AnnDataModule
+from cellsight.data.shards import is_sharded
 from cellsight.train import fit
 
 __all__ = ["de_prior", "fit_attention_prior", "PriorPlan"]
@@ -113,6 +114,12 @@ def fit_attention_prior(model, prior_probs, *, max_epochs, lr, batch_size, use_g
         )
     if exact and model.module.attention is None:
         return _set_gates(model, prior[0])
+    if is_sharded(model.adata):
+        raise ValueError(
+            "Fitting the attention network to a prior needs the cells in memory, and this "
+            "model's AnnData is a read_shards stub. Use feature_mapper='gate' (its gates are set "
+            "to the prior exactly), or load the cells into one AnnData."
+        )
     dm = AnnDataModule(model.adata_manager, train_size=train_size,
                        validation_size=validation_size, batch_size=batch_size, seed=model.seed)
     dm.arrays[_PRIOR_KEY] = torch.from_numpy(np.ascontiguousarray(prior))

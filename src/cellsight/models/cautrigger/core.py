@@ -14,7 +14,6 @@ from scvi.data import fields as scvi_fields
 
 from cellsight.data import registry as R
 from cellsight.data import validate as V
-from cellsight.data.datamodule import AnnDataModule
 from cellsight.data.shards import is_sharded
 from cellsight.interpret.mixin import InterpretMixin
 from cellsight.models.base import BaseModel
@@ -342,8 +341,8 @@ class CauTriggerBase(InterpretMixin, BaseModel):
             )
         self._set_class_weights(im_factor)
         seed = int(kwargs.pop("seed", self.seed))
-        dm = AnnDataModule(self.adata_manager, train_size=train_size,
-                           validation_size=validation_size, batch_size=batch_size, seed=seed)
+        # streams the files of a read_shards stub (an in-memory module would read its zero X)
+        dm = self._datamodule(train_size, validation_size, batch_size, seed)
         tail = dm.n_train % batch_size
         dm.drop_last = bool(0 < tail < drop_last and dm.n_train > batch_size)
         if early_stopping and dm.n_validation == 0:
@@ -480,12 +479,11 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _check_down(adata: AnnData, key: str) -> None:
-    if is_sharded(adata):
+    if is_sharded(adata) and key not in adata.obsm:
         raise ValueError(
-            f"CauTrigger2L needs the downstream matrix adata.obsm[{key!r}] in memory, and a "
-            "read_shards stub streams X only (its obsm is empty even when the shard files hold "
-            f"{key!r}). Load the cells into one AnnData (anndata.read_h5ad, or anndata.concat "
-            "of the shards), or train CauTrigger1L, which streams from shards."
+            f"This read_shards stub has no obsm[{key!r}] (a stub loads obs and var only, even "
+            f"when the shard files hold {key!r}); read it with "
+            f"cellsight.data.read_shards(paths, obsm_keys=[{key!r}])."
         )
     if key not in adata.obsm:
         raise ValueError(
