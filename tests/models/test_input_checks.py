@@ -108,6 +108,13 @@ def test_fadvi_rejects_an_unlabeled_category_spelt_differently_from_the_data():
     assert sorted(FADVI(adata, n_hidden=8).class_names) == ["B", "T", "unknown"]
 
 
+def test_fadvi_warns_when_a_placeholder_label_would_be_trained_as_a_class():
+    adata = _fadvi_data(lambda n: np.array(["T", "B", "unlabelled"])[np.arange(n) % 3])
+    with pytest.warns(UserWarning, match="pass unlabeled_category='unlabelled'"):
+        FADVI.setup_anndata(adata, batch_key="batch", labels_key="cell_type")
+    assert "unlabelled" in FADVI(adata, n_hidden=8).class_names
+
+
 def test_a_fadvi_query_without_labels_is_told_how_to_fill_them():
     adata = _fadvi_data(lambda n: np.array(["T", "B", "Unknown"])[np.arange(n) % 3])
     FADVI.setup_anndata(adata, batch_key="batch", labels_key="cell_type")

@@ -18,6 +18,7 @@ from cellsight.data.shards import is_sharded
 from cellsight.interpret.mixin import InterpretMixin
 from cellsight.models.base import BaseModel
 from cellsight.models.expression import ExpressionMixin
+from cellsight.models.fadvi.labels import check_unlabeled_spelling
 from cellsight.models.fadvi.module import FactorDisentanglementVAE
 from cellsight.models.fadvi.plan import FADVITrainingPlan
 from cellsight.models.fadvi.prediction import PredictionMixin
@@ -280,7 +281,8 @@ class FADVI(PredictionMixin, ExpressionMixin, InterpretMixin, BaseModel):
             When it does not occur but a label differs from it only in case or surrounding
             spaces (``"unknown"`` for the default ``"Unknown"``) that is a ``ValueError``: the
             label head would learn the unlabelled cells as a class. Pass the exact spelling,
-            or ``None`` to train on every label as a class.
+            or ``None`` to train on every label as a class. A label such as ``"unlabeled"`` or
+            ``"NA"`` next to an absent ``unlabeled_category`` gets a warning.
         size_factor_key
             ``obs`` column of size factors used instead of the library size.
         categorical_covariate_keys, continuous_covariate_keys
@@ -295,7 +297,7 @@ class FADVI(PredictionMixin, ExpressionMixin, InterpretMixin, BaseModel):
                     f"e.g. adata.obs[{labels_key!r}] = adata.obs[{labels_key!r}].astype(str)."
                 )
             if col is not None:
-                _check_unlabeled_spelling(col, labels_key, unlabeled_category)
+                check_unlabeled_spelling(col, labels_key, unlabeled_category)
         super().setup_anndata(
             adata,
             layer=layer,
@@ -571,20 +573,4 @@ class FADVI(PredictionMixin, ExpressionMixin, InterpretMixin, BaseModel):
         return self._normalized_expression(
             adata, indices, transform_batch, gene_list, library_size, n_samples, return_mean,
             return_numpy, batch_size, n_samples_overall=n_samples_overall,
-        )
-
-
-def _check_unlabeled_spelling(col: pd.Series, labels_key: str, unlabeled: str) -> None:
-    """Reject an ``unlabeled_category`` that is absent while a label spells it differently."""
-    values = pd.unique(col.astype(str))
-    if unlabeled in values:
-        return
-    key = str(unlabeled).strip().casefold()
-    near = [v for v in values if v.strip().casefold() == key]
-    if near:
-        raise ValueError(
-            f"unlabeled_category={unlabeled!r} does not occur in adata.obs[{labels_key!r}], "
-            f"but {near[0]!r} does: those cells would be trained as a class of their own. "
-            f"Pass unlabeled_category={near[0]!r}, or unlabeled_category=None to keep "
-            f"{near[0]!r} as a class."
         )
