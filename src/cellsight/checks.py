@@ -4,11 +4,13 @@ never truncated to an integer, a bool is never a number)."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import numpy as np
 
-__all__ = ["check_choice", "check_fraction", "check_int", "is_integer"]
+__all__ = ["check_choice", "check_fraction", "check_int", "check_number", "is_integer", "is_real"]
 
 
 def check_choice(value: Any, allowed: tuple, name: str) -> None:
@@ -20,6 +22,23 @@ def check_choice(value: Any, allowed: tuple, name: str) -> None:
 def is_integer(value: Any) -> bool:
     """Whether ``value`` is a Python or numpy integer (``bool`` is not)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value: Any) -> bool:
+    """Whether ``value`` is a real number (Python, numpy; ``bool`` is not)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def check_number(value: Any, name: str, *, positive: bool = False, what: str = "") -> float:
+    """``value`` as a finite ``float``, ``>= 0`` (``> 0`` with ``positive``): a ``TypeError``
+    unless it is a real number, a ``ValueError`` otherwise; ``what`` is added to the message."""
+    about = f" ({what})" if what else ""
+    if not is_real(value):
+        raise TypeError(f"{name}={value!r} must be a number{about}.")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        bound = "a positive number" if positive else "a number >= 0"
+        raise ValueError(f"{name}={value!r} must be {bound}{about}.")
+    return float(value)
 
 
 def check_int(value: Any, name: str, minimum: int = 1, allow_none: bool = False,
@@ -39,7 +58,7 @@ def check_int(value: Any, name: str, minimum: int = 1, allow_none: bool = False,
 
 def check_fraction(value: float, name: str, *, upper_open: bool = True) -> None:
     """Raise a ``ValueError`` unless ``0 <= value < 1`` (``<= 1`` with ``upper_open=False``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+    if not is_real(value):
         raise TypeError(f"{name}={value!r} must be a number.")
     ok = 0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0
     if not ok:

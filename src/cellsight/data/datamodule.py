@@ -6,9 +6,9 @@ import lightning.pytorch as pl
 import numpy as np
 from scvi.data import AnnDataManager
 
+from cellsight.checks import check_int
 from cellsight.data.loaders import TensorBatchLoader, registry_arrays, split_indices
 from cellsight.data.shards import is_sharded
-from cellsight.data.validate import check_batch_size
 
 __all__ = ["AnnDataModule"]
 
@@ -48,7 +48,7 @@ class AnnDataModule(pl.LightningDataModule):
         validation_indices: np.ndarray | None = None,
     ) -> None:
         super().__init__()
-        batch_size = check_batch_size(batch_size)
+        batch_size = check_int(batch_size, "batch_size")
         if is_sharded(manager.adata):
             raise ValueError(
                 "AnnDataModule reads the matrices of an AnnData in memory, and this one is a "

@@ -13,6 +13,7 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 
+from cellsight.checks import check_int
 from cellsight.data.loaders import split_indices
 from cellsight.data.shards import read_shards, shard_set
 from cellsight.data.shards_io import ShardReader
@@ -22,7 +23,7 @@ from cellsight.data.shards_loader import (
     batch_code_array,
     obs_arrays,
 )
-from cellsight.data.validate import cell_positions, check_batch_size
+from cellsight.data.validate import cell_positions
 
 __all__ = ["ShardedDataModule", "sharded_inference_loader"]
 
@@ -173,7 +174,7 @@ class ShardedDataModule(pl.LightningDataModule):
             )
         self.n_train = len(self.train_indices)
         self.n_validation = len(self.validation_indices)
-        self.batch_size = check_batch_size(batch_size)
+        self.batch_size = check_int(batch_size, "batch_size")
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
         self.num_workers = int(num_workers)

@@ -13,8 +13,6 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from cellsight.checks import check_int
-
 __all__ = [
     "check_not_empty",
     "check_unique_var_names",
@@ -25,7 +23,6 @@ __all__ = [
     "check_known_categories",
     "check_continuous_obs",
     "cell_positions",
-    "check_batch_size",
     "get_matrix",
 ]
 
@@ -71,11 +68,6 @@ def cell_positions(indices, n_obs: int, name: str = "indices") -> np.ndarray:
             "number of cells."
         )
     return idx.astype(np.int64)
-
-
-def check_batch_size(batch_size, name: str = "batch_size", minimum: int = 1) -> int:
-    """``batch_size`` as an int ``>= minimum``; ``bool`` and non-integers are a ``TypeError``."""
-    return check_int(batch_size, name, minimum)
 
 
 def check_not_empty(adata: AnnData) -> None:

@@ -15,13 +15,14 @@ permuted copies of the data) batch the same way.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from cellsight.checks import is_real
 
 __all__ = [
     "DEFAULT_MAX_BATCH_ELEMENTS",
@@ -210,12 +211,12 @@ def resolve_baselines(
         rng = np.random.default_rng(seed)
         idx = np.sort(rng.choice(n, size=min(n_background, n), replace=False))
         return inputs[torch.as_tensor(idx, device=inputs.device)]
-    if isinstance(baselines, bool):
+    if isinstance(baselines, (bool, np.bool_)):
         raise TypeError(
             f"baselines={baselines!r} is a bool; pass a number (e.g. 0.0), a name such as "
             "'zeros', or an array of baseline rows."
         )
-    if isinstance(baselines, numbers.Real):
+    if is_real(baselines):
         if not math.isfinite(baselines):
             raise ValueError(
                 f"baselines={baselines!r} is not finite, so every attribution would be NaN; "

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
+from cellsight.checks import check_int
 from cellsight.data import registry as R
 from cellsight.data import validate as V
 from cellsight.data.datamodule import AnnDataModule
@@ -243,7 +244,7 @@ class BaseModel:
         """Ordered (unshuffled) minibatches for inference, moved to the module's device."""
         manager = self._manager_for(adata)
         data = self.adata if adata is None else adata
-        batch_size = 1024 if batch_size is None else V.check_batch_size(batch_size)
+        batch_size = 1024 if batch_size is None else check_int(batch_size, "batch_size")
         if is_sharded(data):  # stream the shards; the same minibatch dicts
             lk = self._count_likelihood()
             return sharded_inference_loader(
@@ -349,7 +350,7 @@ class BaseModel:
             max_epochs = self._default_max_epochs()
         check_fit_args(max_epochs, devices)
         check_lr(lr)
-        if datamodule is None and V.check_batch_size(batch_size) == 1 and any(
+        if datamodule is None and check_int(batch_size, "batch_size") == 1 and any(
                 isinstance(m, (torch.nn.BatchNorm1d, torch.nn.SyncBatchNorm))
                 for m in self.module.modules()):
             raise ValueError(

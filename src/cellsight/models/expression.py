@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from cellsight.checks import check_int
+from cellsight.checks import check_int, check_number
 
 __all__ = ["ExpressionMixin"]
 
@@ -76,13 +76,10 @@ class ExpressionMixin:
         ``gene_list``, ``n_samples_overall``. Sampling is seeded with the model's seed; with
         several batch codes every code decodes fresh posterior samples, in order.
         """
-        if library_size != "latent" and (
-                isinstance(library_size, bool) or not isinstance(library_size, (int, float))
-                or not np.isfinite(library_size) or library_size <= 0):
-            raise ValueError(
-                f"library_size={library_size!r} must be a positive number (1: frequencies, "
-                "1e4: counts per 10,000) or 'latent' (each cell's own library size)."
-            )
+        if library_size != "latent":
+            check_number(library_size, "library_size", positive=True, what=(
+                "1: frequencies, 1e4: counts per 10,000; or 'latent', each cell's own library "
+                "size"))
         check_int(n_samples, "n_samples")
         codes = self._batch_codes(transform_batch)
         genes = self._gene_positions(gene_list)

@@ -24,7 +24,7 @@ import torch
 from torch import distributed as dist
 
 from cellsight.data.sparse import csr_with_values, is_csr
-from cellsight.stats.transforms import apply_transforms
+from cellsight.stats.transforms import apply_transforms, bind_transforms
 
 __all__ = [
     "StreamingModel",
@@ -231,10 +231,7 @@ class StatisticPlan(pl.LightningModule):
         self.model = model
         self.transforms = torch.nn.ModuleList(list(transforms or []))
         names = model.var_names_g if input_var_names_g is None else input_var_names_g
-        names = check_var_names(names)
-        for t in self.transforms:
-            if hasattr(t, "setup_genes"):
-                names = t.setup_genes(names)
+        names = bind_transforms(self.transforms, check_var_names(names))
         if not np.array_equal(names, model.var_names_g):
             model.check_input(torch.empty(0, len(names)), names)
         self.dtype_ = dtype

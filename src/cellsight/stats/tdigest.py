@@ -17,13 +17,13 @@ and maximum at the ends; with single-value centroids this is numpy's ``"linear"`
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
+from cellsight.checks import is_real
 from cellsight.data.sparse import csr_to_scipy, is_csr
 from cellsight.stats.base import StreamingModel, all_gather_stack, all_reduce_op, all_reduce_sum
 
@@ -35,14 +35,14 @@ def check_quantiles(q, name: str = "q") -> list[float]:
 
     ``name`` is the argument's name in the messages.
     """
-    if isinstance(q, numbers.Real) and not isinstance(q, bool):
+    if is_real(q):
         q = [q]
     elif isinstance(q, str | bytes) or not isinstance(q, Sequence | np.ndarray):
         raise TypeError(
             f"{name} must be a number or a sequence of numbers in [0, 1], got "
             f"{type(q).__name__} {q!r}."
         )
-    bad = [v for v in q if isinstance(v, bool) or not isinstance(v, numbers.Real)]
+    bad = [v for v in q if not is_real(v)]
     if bad:
         raise TypeError(
             f"{name} must hold numbers in [0, 1]; got {bad[0]!r} ({type(bad[0]).__name__})."
@@ -96,7 +96,9 @@ def centroid_quantiles(
     max_g: torch.Tensor,
     q: Sequence[float],
 ) -> torch.Tensor:
-    """Quantiles ``(len(q), n_genes)`` from centroids; NaN for a gene without values."""
+    """Quantiles ``(len(q), n_genes)`` from centroids; NaN for a gene without values
+    (``q``: see :func:`check_quantiles`)."""
+    q = check_quantiles(q)
     mean_gc, weight_gc = _sort_by_value(mean_gc, weight_gc)
     n_g1 = weight_gc.sum(1, keepdim=True)
     centre_gc = weight_gc.cumsum(1) - weight_gc / 2
@@ -118,8 +120,6 @@ def centroid_quantiles(
     val_gm = val_gm.scatter(1, (n_real_g + 1)[:, None], val_max)
     out = []
     for qi in q:
-        if not 0 <= qi <= 1:
-            raise ValueError(f"quantile {qi} is outside [0, 1].")
         t_g1 = qi * (n_g1 - 1) + 0.5
         hi = torch.searchsorted(pos_gm.contiguous(), t_g1.contiguous(), right=False)
         hi = hi.clamp(1, pos_gm.shape[1] - 1)
@@ -248,7 +248,7 @@ class TDigest(StreamingModel):
     # ----------------------------------------------------------------- results
     def quantiles(self, q: Sequence[float] = (0.5,)) -> torch.Tensor:
         """Quantiles of the non-zero values, shape ``(len(q), n_genes)`` (NaN: no values)."""
-        return centroid_quantiles(self.mean_gc, self.weight_gc, self.min_g, self.max_g, list(q))
+        return centroid_quantiles(self.mean_gc, self.weight_gc, self.min_g, self.max_g, q)
 
     @property
     def median_g(self) -> torch.Tensor:
@@ -257,6 +257,7 @@ class TDigest(StreamingModel):
 
     def to_dataframe(self, q: Sequence[float] = (0.5,)) -> pd.DataFrame:
         """One column per quantile (named by the float ``q``) and ``n_nonzero``, by gene."""
+        q = check_quantiles(q)
         qs = self.quantiles(q).cpu().numpy()
         df = pd.DataFrame({float(qi): qs[i] for i, qi in enumerate(q)},
                           index=pd.Index(self.var_names_g, name="gene"))

@@ -13,7 +13,6 @@ does not (z-score), so a chain costs work in proportion to the non-zeros as long
 
 from __future__ import annotations
 
-import numbers
 import os
 from collections.abc import Sequence
 from typing import Literal
@@ -22,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cellsight.checks import is_real
 from cellsight.data.sparse import (
     csr_row_index,
     csr_tensor,
@@ -153,7 +153,7 @@ def check_max_value(max_value) -> float | None:
     """``max_value`` of :class:`ZScore` as a float ``> 0`` (or ``None``), else a clear error."""
     if max_value is None:
         return None
-    if isinstance(max_value, bool) or not isinstance(max_value, numbers.Real):
+    if not is_real(max_value):
         raise TypeError(
             f"max_value must be a number or None, got {type(max_value).__name__} {max_value!r}."
         )

@@ -9,18 +9,17 @@ per-step metrics dictionary a module may add is logged with its name.
 from __future__ import annotations
 
 import inspect
-import math
 
 from scvi.train import TrainingPlan as _ScviTrainingPlan
+
+from cellsight.checks import check_number
 
 __all__ = ["TrainingPlan", "check_lr"]
 
 
 def check_lr(lr) -> None:
     """Reject a learning rate that is not a finite number >= 0 (0 freezes the weights)."""
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (
-            math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"lr={lr!r} must be a number >= 0 (e.g. 1e-3).")
+    check_number(lr, "lr", what="e.g. 1e-3")
 
 
 class TrainingPlan(_ScviTrainingPlan):
@@ -35,10 +34,7 @@ class TrainingPlan(_ScviTrainingPlan):
 
     def __init__(self, module, **kwargs) -> None:
         check_lr(kwargs.get("lr", 1e-3))
-        wd = kwargs.get("weight_decay", 0.0)
-        if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not (
-                math.isfinite(wd) and wd >= 0):
-            raise ValueError(f"weight_decay={wd!r} must be a number >= 0.")
+        check_number(kwargs.get("weight_decay", 0.0), "weight_decay")
         _check_loss_kwargs(type(self), module, kwargs)
         super().__init__(module, **kwargs)
 

@@ -31,8 +31,7 @@ def latent_information_flow(
 ) -> tuple[pd.DataFrame, pd.Series]:
     """See :meth:`cellsight.models.CauTrigger1L.compute_information_flow`."""
     model._check_trained()
-    for name, value in (("n_cells", n_cells), ("n_alpha", n_alpha), ("n_beta", n_beta)):
-        check_int(value, name)
+    check_int(n_cells, "n_cells")  # before subsampling; information_flow checks the draws
     m = model.module
     k = m.n_latent
     dims = list(range(k)) if dims is None else [int(d) for d in dims]
