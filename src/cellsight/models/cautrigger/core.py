@@ -107,10 +107,9 @@ class CauTriggerBase(InterpretMixin, BaseModel):
                 f"{len(model_names)} downstream features; pass the same downstream features, in "
                 f"the same order ({model_names[:3]} ...)."
             )
-        names = list(d.columns) if hasattr(d, "columns") else (
-            list(adata.uns[f"{key}_feature"]) if f"{key}_feature" in adata.uns else None)
-        if names is not None and [str(n) for n in names] != model_names:
-            diff = V.describe_gene_difference(model_names, [str(n) for n in names])
+        names = _stored_down_names(adata, key)
+        if names is not None and names != model_names:
+            diff = V.describe_gene_difference(model_names, names)
             raise ValueError(
                 f"The downstream features of adata.obsm[{key!r}] differ from the model's: {diff}. "
                 "Reorder or subset the columns to the model's down_feature_names."
@@ -380,13 +379,12 @@ class CauTriggerBase(InterpretMixin, BaseModel):
     def _named_prior(self, prior: str, cells: np.ndarray) -> np.ndarray:
         """The named prior (one of ``PRIORS``) of ``cells``: :mod:`.priors` or
         :func:`.attention.de_prior`."""
-        arr = self._arrays()
-        idx = np.asarray(cells)
-        x, y = arr[K.X_KEY].numpy()[idx], arr[K.LABELS_KEY].reshape(-1).numpy()[idx]
+        arr = self._arrays(indices=cells)  # reads only these cells (a stub: from the files)
+        x, y = arr[K.X_KEY].numpy(), arr[K.LABELS_KEY].reshape(-1).numpy()
         if prior == "pcr":
             return pcr_prior(x, y)
         if prior == "cascade":
-            return cascade_prior(x, arr[DOWN_KEY].numpy()[idx], y, seed=self.seed)
+            return cascade_prior(x, arr[DOWN_KEY].numpy(), y, seed=self.seed)
         return de_prior(x, y, mapping="rank" if prior == "de_rank" else "fdr")
 
     def _set_class_weights(self, im_factor: float | None) -> None:
@@ -501,12 +499,20 @@ def _check_down(adata: AnnData, key: str) -> None:
         raise ValueError(f"adata.obsm[{key!r}] has NaN or infinite values; fill or remove them.")
 
 
-def _down_names(adata: AnnData, key: str, names, n_down: int) -> list[str]:
+def _stored_down_names(adata: AnnData, key: str) -> list[str] | None:
+    """The names ``adata`` gives the columns of ``obsm[key]``: a DataFrame's columns, else
+    ``uns[key + "_feature"]`` (CauTrigger's key), else ``None``."""
     d = adata.obsm[key]
-    if names is None and hasattr(d, "columns"):
-        names = list(d.columns)
-    if names is None and f"{key}_feature" in adata.uns:
-        names = list(adata.uns[f"{key}_feature"])
+    if hasattr(d, "columns"):
+        return [str(n) for n in d.columns]
+    if f"{key}_feature" in adata.uns:
+        return [str(n) for n in adata.uns[f"{key}_feature"]]
+    return None
+
+
+def _down_names(adata: AnnData, key: str, names, n_down: int) -> list[str]:
+    if names is None:
+        names = _stored_down_names(adata, key)
     if names is None:
         names = [f"down_{i}" for i in range(n_down)]
     names = [str(n) for n in names]
