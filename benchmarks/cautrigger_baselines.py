@@ -15,13 +15,9 @@ from sklearn.feature_selection import mutual_info_classif
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from cellsight.models.cautrigger.priors import log_standardise
+
 __all__ = ["BASELINES", "baseline_scores", "score_metrics"]
-
-
-def _standardise(x_ng: np.ndarray) -> np.ndarray:
-    x = np.log1p(np.asarray(x_ng, dtype=np.float64))
-    sd = x.std(0)
-    return (x - x.mean(0)) / np.where(sd > 0, sd, 1.0)
 
 
 def de_ttest(x: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
@@ -71,7 +67,7 @@ BASELINES = {
 
 def baseline_scores(x_ng: np.ndarray, y_n: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
     """Scores of every baseline on counts ``x_ng`` and state codes ``y_n``."""
-    x = _standardise(x_ng)
+    x = log_standardise(x_ng)
     return {name: fn(x, y_n, seed) for name, fn in BASELINES.items()}
 
 

@@ -9,8 +9,8 @@ from sklearn.metrics import roc_auc_score
 from cellsight.datasets.causal import simulate_causal_cascade, split_cascade
 from cellsight.models.cautrigger.attention import de_prior
 from cellsight.models.cautrigger.priors import (
-    _standardise,
     leading_svd,
+    log_standardise,
     marchenko_pastur_rank,
     pcr_prior,
     pcr_scores,
@@ -38,7 +38,7 @@ def test_pcr_weights_at_full_rank_are_the_plain_logistic_coefficients():
     """With every component and almost no penalty, regressing on whitened scores and mapping
     back is the logistic regression on the standardised features itself."""
     rng = np.random.default_rng(1)
-    x = _standardise(rng.poisson(5.0, size=(600, 8)))
+    x = log_standardise(rng.poisson(5.0, size=(600, 8)))
     y = (rng.random(600) < 1 / (1 + np.exp(-(x[:, 0] - 0.5 * x[:, 3])))).astype(int)
     u, s, vt = np.linalg.svd(x, full_matrices=False)
     w = pcr_weights(u, s, vt, y, k=8, C=1e8)
@@ -89,9 +89,9 @@ def test_randomized_svd_path_matches_the_exact_one(monkeypatch):
 
     x, y, truth = _cascade(0, causal_strength=1.5)
     exact, ks = pcr_scores(x, y)
-    u, s, vt = leading_svd(_standardise(x), exact_max=50)
+    u, s, vt = leading_svd(log_standardise(x), exact_max=50)
     assert len(s) == 64 and u.shape == (x.shape[0], 64) and vt.shape == (64, x.shape[1])
-    s_ref = np.linalg.svd(_standardise(x), compute_uv=False)
+    s_ref = np.linalg.svd(log_standardise(x), compute_uv=False)
     np.testing.assert_allclose(s[:10], s_ref[:10], rtol=1e-4)
     monkeypatch.setattr(priors, "EXACT_SVD_MAX", 50)
     approx, ks_approx = pcr_scores(x, y)

@@ -22,7 +22,8 @@ from sklearn.utils.extmath import randomized_svd
 from cellsight.models.cautrigger.attention import de_prior
 
 __all__ = ["MAPPINGS", "cascade_prior", "cascade_scores", "pcr_prior", "pcr_scores",
-           "pcr_weights", "marchenko_pastur_rank", "leading_svd", "map_scores"]
+           "pcr_weights", "marchenko_pastur_rank", "leading_svd", "map_scores",
+           "log_standardise"]
 
 MAPPINGS = ("scaled", "rank", "mean_de", "max_de")
 DEFAULT_MAPPING = "scaled"  # what train(prior="cascade" | "pcr") uses
@@ -58,7 +59,9 @@ def _lasso_cv() -> LassoCV:
     return LassoCV(alphas=30, cv=KFold(_FOLDS))
 
 
-def _standardise(x_nf: np.ndarray) -> np.ndarray:
+def log_standardise(x_nf: np.ndarray) -> np.ndarray:
+    """``log1p`` of the features, centred and scaled to unit variance per feature (constant
+    features stay 0): the scale every prior (and the benchmark's baselines) work on."""
     x = np.log1p(np.asarray(x_nf, dtype=np.float64))
     sd = x.std(0)
     return (x - x.mean(0)) / np.where(sd > 0, sd, 1.0)
@@ -114,7 +117,7 @@ def cascade_scores(x_ng: np.ndarray, d_nd: np.ndarray, y_n: np.ndarray,
             f"counts {np.bincount(np.unique(y_n, return_inverse=True)[1]).tolist()}. Train on "
             "more cells or use prior='de'."
         )
-    x, d = _standardise(x_ng), _standardise(d_nd)
+    x, d = log_standardise(x_ng), log_standardise(d_nd)
     c_d = np.zeros(d.shape[1])
     with warnings.catch_warnings(record=True) as caught:  # one summary, not one per fit
         warnings.simplefilter("always", ConvergenceWarning)
@@ -222,7 +225,7 @@ def pcr_scores(x_ng: np.ndarray, y_n: np.ndarray) -> tuple[np.ndarray, list[int]
                          f"{np.shape(y_n)[0]}; pass the values and states of the same cells.")
     if len(np.unique(y_n)) < 2:
         raise ValueError("pcr_scores needs cells of at least 2 states; use prior='de' or None.")
-    x = _standardise(x_ng)
+    x = log_standardise(x_ng)
     n, p = x.shape
     u_nk, s_k, vt_kg = leading_svd(x)
     rank = int((s_k > 1e-10 * s_k[0]).sum()) if s_k.size and s_k[0] > 0 else 0
