@@ -24,6 +24,7 @@ from cellsight.nn.zinb_grad import (
     lgamma_counts_plus_1,
     nonzero_flat,
 )
+from cellsight.nn.zinb_native import NativeZINBLogLikelihood, zinb_native_usable
 
 __all__ = ["nb_log_likelihood_n", "zinb_log_likelihood_n", "zinb_log_likelihood_autograd_n",
            "poisson_log_likelihood_n"]
@@ -74,11 +75,14 @@ def zinb_log_likelihood_n(
 ) -> torch.Tensor:
     """``sum_g log ZINB(x | mu, theta, zi_logits)`` per cell (scvi-tools' parameterisation).
 
-    When only the parameters need gradients (training), the backward is the hand-written one of
-    :class:`cellsight.nn.zinb_grad.ZINBLogLikelihood` (about ten dense operations instead of
-    autograd's twenty); when the counts need a gradient (attributions of the loss), gradients
-    are off, or the shapes are not ``(n, g)`` with ``theta`` ``(g,)`` or ``(n, g)``, it is
-    :func:`zinb_log_likelihood_autograd_n`. Both give the same values.
+    When only the parameters need gradients (training), it is the fused C kernel of
+    :class:`cellsight.nn.zinb_native.NativeZINBLogLikelihood` (value and derivatives in one
+    pass; float32 CPU inputs with native kernels available, :mod:`cellsight.nn.native`), else
+    the hand-written backward of :class:`cellsight.nn.zinb_grad.ZINBLogLikelihood` (about ten
+    dense operations instead of autograd's twenty); when the counts need a gradient
+    (attributions of the loss), gradients are off, or the shapes are not ``(n, g)`` with
+    ``theta`` ``(g,)`` or ``(n, g)``, it is :func:`zinb_log_likelihood_autograd_n`. All give the
+    same values to float32 rounding.
 
     Parameters
     ----------
@@ -97,6 +101,8 @@ def zinb_log_likelihood_n(
     )
     if x_ng.requires_grad or not shapes_ok or not torch.is_grad_enabled():
         return zinb_log_likelihood_autograd_n(x_ng, mu_ng, theta, zi_logits_ng)
+    if zinb_native_usable(x_ng, mu_ng, theta, zi_logits_ng):
+        return NativeZINBLogLikelihood.apply(x_ng, mu_ng, theta, zi_logits_ng)
     return ZINBLogLikelihood.apply(x_ng, mu_ng, theta, zi_logits_ng)
 
 

@@ -1,0 +1,141 @@
+"""Fused CPU kernels written in C, compiled on first use and called through ``ctypes``.
+
+A small model's training step on CPU is dominated not by its matrix products but by dozens of
+elementwise operations on ``(cells, genes)`` or ``(cells, hidden)`` tensors, each a separate
+pass over memory with its own dispatch and allocation (see :mod:`cellsight.nn.zinb_grad` and
+:class:`cellsight.models.fadvi.FADVI`). The kernels here fuse such chains into one loop each
+(the ZINB log-likelihood and its gradients; LayerNorm, ReLU and dropout of a hidden layer;
+masked cross-entropy), called from ``torch.autograd.Function`` objects; the matrix products stay
+with torch.
+
+Building. The C sources live next to this module (``csrc/*.c``). The first call of
+:func:`library` compiles one with the system C compiler (``$CC``, else ``cc``/``gcc``; about a
+second) into ``$CELLSIGHT_CACHE_DIR/native`` (default ``~/.cache/cellsight/native``) under a
+name that hashes the source, the flags, the compiler's version and this CPU's instruction-set
+flags, so a changed source or another machine never loads a stale binary; the file is written
+to a temporary name and renamed, so concurrent processes (pytest-xdist, DDP ranks) may compile
+at the same time safely. Compilation uses ``-O3 -march=native -ffast-math`` (which lets the
+compiler use glibc's vectorised ``expf``/``logf``); linking does not use ``-ffast-math``, so
+loading a kernel never changes the process's floating-point mode (flush-to-zero).
+
+Nothing is downloaded; without a working compiler (or with ``CELLSIGHT_NATIVE=0``) every
+caller falls back to its torch implementation, which gives the same values to float32 rounding;
+:func:`library` then warns once with the compiler's message. The kernels take float32,
+C-contiguous CPU tensors only; callers check that (:func:`usable`) and fall back otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["enabled", "library", "ptr", "usable"]
+
+_SRC_DIR = Path(__file__).with_name("csrc")
+_COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC",
+                  "-std=c11", "-Wall"]
+_LIBS: dict[str, ctypes.CDLL | None] = {}
+_WARNED: set[str] = set()
+
+
+def enabled() -> bool:
+    """Whether the native kernels may be used (``CELLSIGHT_NATIVE`` is not ``0``/``false``)."""
+    return os.environ.get("CELLSIGHT_NATIVE", "1").strip().lower() not in ("0", "false", "no")
+
+
+def usable(*tensors: torch.Tensor | None) -> bool:
+    """Whether the native kernels can take ``tensors`` (``None`` entries are skipped): kernels
+    enabled, and each tensor float32, on the CPU and contiguous."""
+    if not enabled():
+        return False
+    return all(
+        t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous())
+        for t in tensors
+    )
+
+
+def ptr(t: torch.Tensor | None) -> int | None:
+    """Data pointer of ``t`` for a ``ctypes`` call (``None`` for ``None``)."""
+    return None if t is None else t.data_ptr()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> str:
+    """This CPU's instruction-set flags (the build is ``-march=native``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("CELLSIGHT_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "cellsight")
+    return Path(root) / "native"
+
+
+def _build(name: str) -> Path:
+    """Compile ``csrc/{name}.c`` into the cache (if not there yet); its path."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set $CC, or install gcc)")
+    source = (_SRC_DIR / f"{name}.c").read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(b"\0".join([
+        source, " ".join(_COMPILE_FLAGS).encode(), version.encode(), _cpu_flags().encode(),
+        platform.machine().encode(),
+    ])).hexdigest()[:16]
+    out = _cache_dir() / f"{name}-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        obj, lib = Path(tmp) / f"{name}.o", Path(tmp) / f"{name}.so"
+        for cmd in ([cc, *_COMPILE_FLAGS, "-c", str(_SRC_DIR / f"{name}.c"), "-o", str(obj)],
+                    [cc, "-shared", str(obj), "-o", str(lib), "-lm"]):
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+        os.replace(lib, out)  # atomic: a concurrent build of the same key writes the same file
+    return out
+
+
+def library(name: str) -> ctypes.CDLL | None:
+    """The compiled kernel library ``csrc/{name}.c`` (built on first use), or ``None`` when
+    native kernels are disabled or it cannot be built (warned once per library)."""
+    if not enabled():
+        return None
+    if name in _LIBS:
+        return _LIBS[name]
+    try:
+        lib: ctypes.CDLL | None = ctypes.CDLL(str(_build(name)))
+    except (OSError, RuntimeError) as err:
+        lib = None
+        if name not in _WARNED:
+            _WARNED.add(name)
+            warnings.warn(
+                f"cellsight's native {name!r} kernels could not be built ({err}); using the "
+                "torch implementation (same results, slower). Install a C compiler (gcc) to "
+                "enable them, or set CELLSIGHT_NATIVE=0 to silence this.",
+                RuntimeWarning, stacklevel=2,
+            )
+    _LIBS[name] = lib
+    return lib
