@@ -38,12 +38,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["enabled", "library", "ptr", "usable"]
+__all__ = ["blas_sgemm", "enabled", "library", "ptr", "usable"]
 
 _SRC_DIR = Path(__file__).with_name("csrc")
 _COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC",
                   "-std=c11", "-Wall"]
 _LIBS: dict[str, ctypes.CDLL | None] = {}
+_SGEMM: list[int | None] = []
 _WARNED: set[str] = set()
 
 
@@ -97,7 +98,8 @@ def _build(name: str) -> Path:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC, or install gcc)")
-    source = (_SRC_DIR / f"{name}.c").read_bytes()
+    # every source of the directory, so a change to an #included one rebuilds too
+    source = b"\0".join(f.read_bytes() for f in sorted(_SRC_DIR.glob("*.[ch]")))
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(b"\0".join([
         source, " ".join(_COMPILE_FLAGS).encode(), version.encode(), _cpu_flags().encode(),
@@ -139,3 +141,20 @@ def library(name: str) -> ctypes.CDLL | None:
             )
     _LIBS[name] = lib
     return lib
+
+
+def blas_sgemm() -> int | None:
+    """Address of the Fortran ``SGEMM`` of the BLAS that torch's CPU library exports (MKL's on
+    x86 wheels), for kernels that chain matrix products themselves; ``None`` when it does not
+    export one (those kernels are then not used)."""
+    if not _SGEMM:
+        addr = None
+        lib_dir = Path(torch.__file__).parent / "lib"
+        for path in sorted(lib_dir.glob("libtorch_cpu.*")):
+            try:
+                addr = ctypes.cast(ctypes.CDLL(str(path)).SGEMM, ctypes.c_void_p).value
+                break
+            except (OSError, AttributeError):
+                continue
+        _SGEMM.append(addr)
+    return _SGEMM[0]

@@ -1,12 +1,22 @@
-"""FADVI's encoder helpers: the three encoders in one pass, Gaussian parameters, fast dropout."""
+"""FADVI's encoder helpers: the three encoders in one pass, Gaussian parameters, fast dropout.
+
+In the one-pass form (:func:`encode_fused`, FADVI's training path) each hidden layer's
+``LayerNorm -> ReLU -> Dropout`` tail is one fused C kernel forward and one backward
+(:func:`cellsight.nn.fused_layers.ln_relu_dropout`: the same values, and the same dropout mask
+for the same torch generator state, as the modules) when the layer holds exactly those
+modules; other layers, non-float32 inputs and ``CELLSIGHT_NATIVE=0`` run the modules' torch
+operations.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from scvi.nn import Encoder
+from torch import nn
 
 from cellsight.models.fadvi.heads import FastDropout
+from cellsight.nn.fused_layers import ln_relu_dropout
 
 __all__ = ["encode_fused", "gaussian_params", "with_fast_dropout"]
 
@@ -24,7 +34,8 @@ def encode_fused(encs: tuple[Encoder, Encoder, Encoder],
     and the variance activation one call for the three latents: the same function as three
     ``scvi.nn.Encoder`` calls with about a third of the kernel launches (the encoders'
     modules and state dict are unchanged; ``FactorDisentanglementVAE.encode_mean`` runs one encoder
-    alone).
+    alone). A layer whose tail is ``[LayerNorm without affine] -> ReLU -> [FastDropout]`` (no
+    BatchNorm) runs it as one fused call (:func:`~cellsight.nn.fused_layers.ln_relu_dropout`).
     """
     stacks = [enc.encoder.fc_layers for enc in encs]
     h3_gnh = None
@@ -37,6 +48,10 @@ def encode_fused(encs: tuple[Encoder, Encoder, Encoder],
             w_ghh = torch.stack([m.weight for m in lin]).transpose(1, 2)
             b_g1h = torch.stack([m.bias for m in lin]).unsqueeze(1)
             h3_gnh = torch.baddbmm(b_g1h, h3_gnh, w_ghh)
+        tail = _fusable_tail(layers[0], h3_gnh.shape[-1])
+        if tail is not None:
+            h3_gnh = ln_relu_dropout(h3_gnh, *tail)
+            continue
         norm = layers[0][2]
         if norm is not None:
             h3_gnh = F.layer_norm(h3_gnh, norm.normalized_shape, eps=norm.eps)
@@ -50,6 +65,26 @@ def encode_fused(encs: tuple[Encoder, Encoder, Encoder],
         return loc_nk, (act(v_nk) + eps).sqrt()
     scales = [gaussian_params(enc, h3_gnh[g])[1] for g, enc in enumerate(encs)]
     return loc_nk, torch.cat(scales, -1)
+
+
+def _fusable_tail(layer: nn.Sequential, width: int) -> tuple[float, bool, float, bool] | None:
+    """``(p, training, eps, layer_norm)`` for :func:`~cellsight.nn.fused_layers.ln_relu_dropout`
+    when an ``scvi.nn.FCLayers`` layer (``Linear, BatchNorm, LayerNorm, activation, Dropout``,
+    each but the first possibly ``None``) has no BatchNorm, at most a LayerNorm without affine
+    parameters over its ``width`` outputs, a ReLU and at most a ``FastDropout``; else ``None``."""
+    if len(layer) != 5:
+        return None
+    _, batch_norm, norm, act, drop = layer
+    if batch_norm is not None or type(act) is not nn.ReLU:
+        return None
+    if norm is not None and (type(norm) is not nn.LayerNorm or norm.elementwise_affine
+                             or tuple(norm.normalized_shape) != (width,)):
+        return None
+    if drop is not None and not isinstance(drop, FastDropout):
+        return None
+    p, training = (drop.p, drop.training) if drop is not None else (0.0, False)
+    eps = norm.eps if norm is not None else 1e-5
+    return p, training, eps, norm is not None
 
 
 def gaussian_params(enc: Encoder, h_nh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,15 @@ call per layer replace the per-head calls, which dominate a small model's step o
 Dropout here (and, swapped in by the module, in FADVI's encoders) is :func:`fast_dropout`:
 torch's CPU dropout draws one 32-bit random number per unit (about 8 ns each, a tenth of a
 FADVI step); :func:`fast_dropout` cuts four 15-bit uniforms out of each 64-bit draw.
+
+Fused path. Without BatchNorm, a hidden layer's ``[LayerNorm] -> ReLU -> Dropout`` tail runs
+as one fused C kernel forward and one backward (:func:`cellsight.nn.fused_layers.
+ln_relu_dropout`, the same values and, for the same torch generator state, the same dropout
+mask), and :meth:`ParallelClassifiers.cross_entropy_g` as one more
+(:func:`cellsight.nn.fused_layers.masked_cross_entropy`), where about sixteen torch operations
+per layer ran before. The fused tail is used in training mode and in gradient-free evaluation;
+evaluation with gradients (attributions) keeps the torch operations. For float32 CPU inputs
+only; otherwise, or with ``CELLSIGHT_NATIVE=0``, the torch operations run.
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cellsight.nn.fused_layers import ln_relu_dropout, masked_cross_entropy
 
 __all__ = ["ParallelClassifiers", "FastDropout", "fast_dropout"]
 
@@ -144,14 +155,27 @@ class ParallelClassifiers(nn.Module):
         )
         pad_gc = torch.arange(c_max)[None, :] >= torch.tensor(self.n_classes)[:, None]
         self.register_buffer("padding_g1c_mask", pad_gc[:, None, :], persistent=False)
+        self.n_classes_g = torch.tensor(self.n_classes, dtype=torch.int64)  # CPU, for the kernel
+
+    def _tail(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """``Dropout(ReLU([LayerNorm](h)))`` of hidden layer ``layer`` (heads without
+        BatchNorm): fused in training mode and without gradients, torch operations in
+        evaluation with gradients (attributions)."""
+        ln = self.layer_norms[layer]
+        if self.training or not torch.is_grad_enabled():
+            is_ln = isinstance(ln, nn.LayerNorm)
+            return ln_relu_dropout(h, self.dropout_rate, self.training,
+                                   eps=ln.eps if is_ln else 1e-5, layer_norm=is_ln)
+        return fast_dropout(F.relu(ln(h)), self.dropout_rate, self.training)
 
     def _hidden(self, h_gnh: torch.Tensor, layer: int) -> torch.Tensor:
         g, n, k = h_gnh.shape
         norm = self.norms[layer]
         if isinstance(norm, nn.BatchNorm1d):
             h_gnh = norm(h_gnh.transpose(0, 1).reshape(n, g * k)).reshape(n, g, k).transpose(0, 1)
-        h_gnh = F.relu(self.layer_norms[layer](h_gnh))
-        return fast_dropout(h_gnh, self.dropout_rate, self.training)
+            h_gnh = F.relu(self.layer_norms[layer](h_gnh))
+            return fast_dropout(h_gnh, self.dropout_rate, self.training)
+        return self._tail(h_gnh, layer)
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Logits of every head: ``inputs[g]`` is ``(n, n_inputs[g])``, all with the same ``n``."""
@@ -186,10 +210,11 @@ class ParallelClassifiers(nn.Module):
         """Weighted mean cross-entropy of each head, ``(heads,)``: ``sum_n w ce / max(sum_n w,
         1)``, one log-softmax for all heads (padding columns masked out). With weights 1 it is
         ``F.cross_entropy`` per head; weights 0 drop cells (unlabelled ones) without host
-        synchronisation, and a head whose weights are all 0 gives 0, still in the graph."""
-        logp_gnc = torch.log_softmax(logits_gnc.masked_fill(self.padding_g1c_mask, -math.inf), -1)
-        nll_gn = logp_gnc.gather(-1, target_gn.unsqueeze(-1)).squeeze(-1)
-        return -(nll_gn * weight_gn).sum(-1) / weight_gn.sum(-1).clamp(min=1.0)
+        synchronisation, and a head whose weights are all 0 gives 0, still in the graph. One
+        fused kernel forward and backward on float32 CPU tensors
+        (:func:`cellsight.nn.fused_layers.masked_cross_entropy`), else torch operations."""
+        return masked_cross_entropy(logits_gnc, target_gn, weight_gn, self.n_classes_g,
+                                    self.padding_g1c_mask)
 
     def forward_one(self, index: int, x_nk: torch.Tensor) -> torch.Tensor:
         """Logits of head ``index`` alone (its parameter and normalisation slices)."""
@@ -203,7 +228,9 @@ class ParallelClassifiers(nn.Module):
                     h, norm.running_mean[cols], norm.running_var[cols], norm.weight[cols],
                     norm.bias[cols], self.training and h.shape[0] > 1, norm.momentum, norm.eps,
                 )
-            h = F.relu(self.layer_norms[layer](h))
-            h = fast_dropout(h, self.dropout_rate, self.training)
+                h = fast_dropout(F.relu(self.layer_norms[layer](h)), self.dropout_rate,
+                                 self.training)
+            else:
+                h = self._tail(h, layer)
         out = h @ self.weights[-1][index] + self.biases[-1][index]
         return out[:, : self.n_classes[index]]

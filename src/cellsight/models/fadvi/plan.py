@@ -29,6 +29,15 @@ plan runs each step with the reducer off (the strategy's ``block_backward_sync``
 in one flat all-reduce, before its optimiser steps. The ranks start from the same weights
 (DDP broadcasts them) and take identical steps, so they stay identical, as under DDP.
 
+The step itself. When the module is in FADVI's default configuration and the native kernels
+are available (:func:`~cellsight.models.fadvi.fast_step.fast_step_reason`), a step's loss and
+gradients come from :class:`~cellsight.models.fadvi.fast_step.FastTrainingStep` (the same
+numbers, written-out gradients, no autograd graph); with gradient reversal it runs in
+Lightning's ``backward`` hook, so gradient clipping and the other hooks work as usual, and only
+in single-process training (DDP's reducer needs autograd's hooks); with alternating
+optimisation it also runs under DDP (the plan averages the gradients itself). ``fast_step=False``
+keeps autograd.
+
 ``reduce_lr_on_plateau`` gives each optimiser a ``ReduceLROnPlateau`` scheduler with the
 plan's ``lr_*`` settings, stepped once per training epoch on ``lr_scheduler_metric`` (as
 Lightning steps the scheduler of an automatically optimised plan).
@@ -42,6 +51,7 @@ import math
 import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
+from cellsight.models.fadvi.fast_step import FastTrainingStep, fast_step_reason
 from cellsight.train import EpochMetricsTrainingPlan
 
 __all__ = ["FADVITrainingPlan"]
@@ -55,7 +65,7 @@ class FADVITrainingPlan(EpochMetricsTrainingPlan):
 
     def __init__(
         self, module, adversary_lr_factor: float = 1.0, adversarial_training: str = "alternating",
-        **kwargs,
+        fast_step: bool = True, **kwargs,
     ) -> None:
         if not adversary_lr_factor > 0:
             raise ValueError(f"adversary_lr_factor={adversary_lr_factor} must be > 0.")
@@ -75,6 +85,33 @@ class FADVITrainingPlan(EpochMetricsTrainingPlan):
         if self.alternating:
             self.automatic_optimization = False
             self.loss_kwargs["adversarial"] = "frozen"  # validation scores the same objective
+        self.fast_step = bool(fast_step)
+        self._fast: FastTrainingStep | None = None
+        self._fast_checked = False
+        self._pending_backward = None
+
+    def _fast_training_step(self) -> FastTrainingStep | None:
+        """The written-out training step, when it covers this module and run (see the module
+        notes); ``None``: autograd."""
+        if not self._fast_checked:
+            self._fast_checked = True
+            extra = set(self.loss_kwargs) - {"kl_weight", "adversarial"}
+            if self.fast_step and not extra and fast_step_reason(self.module) is None:
+                self._fast = FastTrainingStep(self.module)
+        if self._fast is None or not torch.is_grad_enabled() or not self.module.training:
+            return None
+        if not self.alternating and self.trainer.world_size > 1:
+            return None
+        return self._fast
+
+    def backward(self, loss, *args, **kwargs) -> None:
+        """Lightning's backward hook: the written-out gradients of a fast step, else
+        autograd's."""
+        pending, self._pending_backward = self._pending_backward, None
+        if pending is None:
+            return super().backward(loss, *args, **kwargs)
+        pending()
+        return None
 
     def _adversary_ids(self) -> set[int]:
         return {id(p) for p in self.module.adversaries.parameters()}
@@ -151,7 +188,13 @@ class FADVITrainingPlan(EpochMetricsTrainingPlan):
 
     def training_step(self, batch, batch_idx):
         if not self.alternating:
-            return super().training_step(batch, batch_idx)
+            fast = self._fast_training_step()
+            if fast is None:
+                return super().training_step(batch, batch_idx)
+            out, self._pending_backward = fast(batch, kl_weight=self.kl_weight,
+                                               adversarial="reversal")
+            self._end_step(out, batch_idx)
+            return out.loss
         main_opt, adversary_opt = self.optimizers()
         module = self.module
         if "kl_weight" in self.loss_kwargs:
@@ -165,7 +208,29 @@ class FADVITrainingPlan(EpochMetricsTrainingPlan):
             return self.trainer.strategy.block_backward_sync()
         return contextlib.nullcontext()
 
+    def _end_step(self, out, batch_idx) -> None:
+        self._accumulate("train", out)
+        n_batches = self.trainer.num_training_batches
+        if math.isfinite(n_batches) and batch_idx + 1 >= n_batches:
+            self._log_epoch("train")
+
     def _alternating_step(self, batch, batch_idx, module, main_opt, adversary_opt):
+        fast = self._fast_training_step()
+        if fast is not None:
+            def adversary_step(compute) -> None:
+                adversary_opt.zero_grad(set_to_none=True)
+                compute()
+                self._average_gradients(adversary_opt)
+                adversary_opt.step()
+
+            out, backward = fast(batch, kl_weight=self.kl_weight, adversarial="frozen",
+                                 adversary_step=adversary_step)
+            main_opt.zero_grad(set_to_none=True)
+            backward()
+            self._average_gradients(main_opt)
+            main_opt.step()
+            self._end_step(out, batch_idx)
+            return out.loss
         inference_outputs, generative_outputs = module(batch, compute_loss=False)
         # 1. the adversaries, on the detached latents of the current encoders
         adversary_params = list(module.adversaries.parameters())
@@ -185,8 +250,5 @@ class FADVITrainingPlan(EpochMetricsTrainingPlan):
         self.manual_backward(out.loss)
         self._average_gradients(main_opt)
         main_opt.step()
-        self._accumulate("train", out)
-        n_batches = self.trainer.num_training_batches
-        if math.isfinite(n_batches) and batch_idx + 1 >= n_batches:
-            self._log_epoch("train")
+        self._end_step(out, batch_idx)
         return out.loss.detach()

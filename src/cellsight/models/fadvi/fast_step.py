@@ -1,0 +1,513 @@
+"""FADVI's training step with a hand-written backward pass (CPU, float32, default layout).
+
+A FADVI step on CPU with the seed's sizes (128 cells x 765 genes, three 2-layer encoders of
+width 128, six 2-layer heads) spends about as long in Python, autograd's graph and Lightning as
+in its matrix products: about 550 torch operations each with its own dispatch, allocation and
+graph node. This module computes the same loss and the same parameter gradients in about 150
+calls: the matrix products by torch (``addmm``/``baddbmm``/``bmm``, with their gradients written
+out), the elementwise chains by the fused C kernels of :mod:`cellsight.nn.native` (the ZINB
+log-likelihood and its derivatives; LayerNorm, ReLU and dropout of every hidden layer; the heads'
+masked cross-entropy), and nothing recorded by autograd (the correlation penalty, a
+``cells x latent`` computation, is differentiated by autograd on its own small graph).
+
+It draws its random numbers in the order of the autograd path (the encoders' dropout, the
+posterior sample, then, for alternating optimisation, the adversaries' dropout of their update,
+then the supervised heads' and the adversaries' dropout of the main loss), with the same calls,
+so for the same seed both paths give the same losses and gradients up to float32 rounding
+(tests compare them parameter by parameter).
+
+It covers FADVI's default configuration: the encoders without covariates and with LayerNorm
+(no affine parameters) or no normalisation, no BatchNorm in the heads, a decoder of Linear and
+ReLU layers, the observed library size, ``dispersion="gene"``, ``gene_likelihood="zinb"``, no
+extra covariates, float32 CPU tensors and the native kernels built. Everything else trains
+through autograd (:func:`fast_step_reason` says why a module is not covered).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from scvi import REGISTRY_KEYS as K
+from scvi.module.base import LossOutput
+from torch import nn
+
+from cellsight.models.fadvi.correlation import correlation_penalty_of
+from cellsight.models.fadvi.heads import FastDropout, ParallelClassifiers
+from cellsight.nn import native
+from cellsight.nn.fused_layers import _dense
+from cellsight.nn.zinb_native import _kernels as _zinb_kernels
+
+__all__ = ["FastTrainingStep", "fast_step_reason"]
+
+_LEVELS = 1 << 15
+
+
+def _layer_parts(layer: nn.Sequential) -> tuple[nn.Linear, float | None, float] | None:
+    """``(linear, layer-norm eps or None, dropout p)`` of an ``scvi.nn.FCLayers`` layer of
+    the form Linear, [LayerNorm without affine], ReLU, [dropout]; ``None`` for other forms."""
+    lin, bn, ln, act, drop = (list(layer) + [None] * 5)[:5]
+    if not isinstance(lin, nn.Linear) or bn is not None or not isinstance(act, nn.ReLU):
+        return None
+    if ln is not None and not (isinstance(ln, nn.LayerNorm) and not ln.elementwise_affine):
+        return None
+    if drop is not None and not isinstance(drop, FastDropout | nn.Dropout):
+        return None
+    if isinstance(drop, nn.Dropout) and not isinstance(drop, FastDropout) and drop.p > 0:
+        return None  # torch's own dropout mask: only FastDropout's is reproduced
+    return lin, (None if ln is None else float(ln.eps)), (0.0 if drop is None else drop.p)
+
+
+def fast_step_reason(module) -> str | None:
+    """Why :class:`FastTrainingStep` cannot train ``module`` (``None``: it can)."""
+    checks = [
+        (module.gene_likelihood == "zinb", "gene_likelihood is not 'zinb'"),
+        (module.dispersion == "gene", "dispersion is not 'gene'"),
+        (module.l_encoder is None, "the library size is inferred"),
+        (not module.use_size_factor_key, "size factors are registered"),
+        (module.n_continuous_cov == 0 and not module.n_cats_per_cov, "extra covariates"),
+        (not getattr(module, "batch_embedded", False), "a batch embedding"),
+        (not module.encode_covariates, "encode_covariates=True"),
+        (getattr(module, "flow_prior", None) is None, "a flow prior"),
+    ]
+    for ok, why in checks:
+        if not ok:
+            return why
+    for enc in (module.encoder_b, module.encoder_l, module.encoder_r):
+        if enc.var_activation is not torch.exp or enc.distribution != "normal":
+            return "a custom encoder variance or distribution"
+        if any(_layer_parts(layer) is None for layer in enc.encoder.fc_layers):
+            return "an encoder layer other than Linear/LayerNorm/ReLU/dropout"
+    for layer in module.decoder.px_decoder.fc_layers:
+        parts = _layer_parts(layer)
+        if parts is None or parts[1] is not None or parts[2] > 0:
+            return "a decoder layer other than Linear/ReLU"
+    for heads in (module.heads, module.adversaries):
+        if heads is not None and any(isinstance(nm, nn.BatchNorm1d) for nm in heads.norms):
+            return "BatchNorm in the classifier heads"
+    params = list(module.parameters())
+    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params):
+        return "parameters are not float32 on the CPU"
+    if not native.enabled() or _dense() is None or _zinb_kernels() is None:
+        return "the native kernels are not available"
+    return None
+
+
+def _grad(p: torch.Tensor, g: torch.Tensor) -> None:
+    """Accumulate ``g`` into ``p.grad`` (as autograd does)."""
+    if p.grad is None:
+        p.grad = g.reshape(p.shape)
+    else:
+        p.grad.add_(g.reshape(p.shape))
+
+
+def _bits(n: int) -> torch.Tensor:
+    """``fast_dropout``'s draw for ``n`` units (the same call as the autograd path)."""
+    return torch.empty((n + 3) // 4, dtype=torch.int64).random_().view(torch.int16)
+
+
+_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+_PP = ctypes.POINTER(ctypes.c_void_p)
+_SIGNATURES = {
+    "mlp_forward": (None, [_I64, _I64, _I64, _P, _PP, _PP, _PP, _I32, _PP, _I32, _F32, _F32,
+                           _I32, _PP, _PP, _PP, _P]),
+    "mlp_backward": (None, [_I64, _I64, _I64, _P, _PP, _PP, _I32, _PP, _PP, _PP, _F32, _I32,
+                            _P, _PP, _PP, _PP, _P]),
+    "head_out_forward": (_I64, [_I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P,
+                                _P]),
+    "head_out_backward": (None, [_I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P,
+                                 _P, _P, _P, _P]),
+}
+
+
+def _mlp_kernels() -> ctypes.CDLL | None:
+    """``csrc/stacked_mlp.c`` with its signatures set and torch's sgemm bound, or ``None``."""
+    lib = native.library("stacked_mlp")
+    if lib is None or native.blas_sgemm() is None:
+        return None
+    if not getattr(lib, "_cellsight_ready", False):
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+        lib.set_sgemm(ctypes.c_void_p(native.blas_sgemm()))
+        lib._cellsight_ready = True
+    return lib
+
+
+def _ptrs(tensors) -> ctypes.Array:
+    """A C array of the data pointers of ``tensors`` (``None`` entries: NULL)."""
+    return (ctypes.c_void_p * len(tensors))(*[native.ptr(t) for t in tensors])
+
+
+def _slices(t: torch.Tensor) -> list[torch.Tensor]:
+    """The ``G`` leading slices of a stacked ``(G, ...)`` tensor."""
+    return list(t.unbind(0))
+
+
+class _MLP:
+    """Hidden layers Linear -> [LayerNorm] -> ReLU -> [dropout] of ``G`` networks, forward now
+    and backward on request, one C call each (``csrc/stacked_mlp.c``).
+
+    ``inputs``: each network's ``(n, k)`` input; ``layers[l][g]``: ``(weight, bias)`` of layer
+    ``l`` of network ``g``, with ``wt`` the weights are ``(out, in)`` (``nn.Linear``), else
+    ``(in, out)``.
+    """
+
+    def __init__(self, inputs, layers, wt: bool, eps: float | None, p: float, training: bool):
+        self.lib = _mlp_kernels()
+        self.inputs, self.layers, self.wt = inputs, layers, int(wt)
+        g, n = len(inputs), inputs[0].shape[0]
+        self.widths = [inputs[0].shape[1]] + [
+            (lay[0][0].shape[0] if wt else lay[0][0].shape[1]) for lay in layers]
+        self.g, self.n, self.n_layers = g, n, len(layers)
+        threshold = round(p * _LEVELS) if training and p > 0 else 0
+        self.scale = _LEVELS / (_LEVELS - threshold) if threshold > 0 else 1.0
+        self.ln = eps is not None
+        bits = [_bits(g * n * w) if threshold > 0 else None for w in self.widths[1:]]
+        self.act = [inputs[0].new_empty(g, n, w) for w in self.widths[1:]]
+        self.xhat = [torch.empty_like(a) for a in self.act] if self.ln else [None] * len(bits)
+        self.rstd = [inputs[0].new_empty(g * n) for _ in self.act] if self.ln else [None] * len(
+            bits)
+        pre = inputs[0].new_empty(g, n, max(self.widths[1:]))
+        self._widths_c = (ctypes.c_int64 * len(self.widths))(*self.widths)
+        self._x = _ptrs(inputs)
+        self._w = _ptrs([lay[i][0] for lay in layers for i in range(g)])
+        self._b = _ptrs([lay[i][1] for lay in layers for i in range(g)])
+        self._act, self._xhat, self._rstd = _ptrs(self.act), _ptrs(self.xhat), _ptrs(self.rstd)
+        self.lib.mlp_forward(g, n, self.n_layers, self._widths_c, self._x, self._w, self._b,
+                             self.wt, _ptrs(bits), threshold, self.scale,
+                             1e-5 if eps is None else eps, int(self.ln), self._act, self._xhat,
+                             self._rstd, pre.data_ptr())
+
+    @property
+    def out(self) -> torch.Tensor:
+        """``(G, n, h)`` output of the last hidden layer."""
+        return self.act[-1]
+
+    def backward(self, d_out: torch.Tensor, params: bool, inputs: bool):
+        """From ``d loss / d out`` (``(G, n, h)``, consumed): the parameter gradients
+        (``[layer][network] -> (weight, bias)``) when ``params``, and the inputs' gradients
+        (one ``(n, k)`` each) when ``inputs``."""
+        g, n = self.g, self.n
+        # scratch of the hidden widths (the inputs' gradients go to their own buffers)
+        d = d_out.contiguous()
+        other = d_out.new_empty(g * n * max(self.widths[1:]))
+        grads = None
+        gw = gb = None
+        if params:
+            grads = [[(torch.empty_like(w), torch.empty_like(b)) for w, b in lay]
+                     for lay in self.layers]
+            gw = _ptrs([lay[i][0] for lay in grads for i in range(g)])
+            gb = _ptrs([lay[i][1] for lay in grads for i in range(g)])
+        gx = [torch.empty_like(x) for x in self.inputs] if inputs else None
+        self.lib.mlp_backward(g, n, self.n_layers, self._widths_c, self._x, self._w, self.wt,
+                              self._act, self._xhat, self._rstd, self.scale, int(self.ln),
+                              d.data_ptr(), gw, gb, None if gx is None else _ptrs(gx),
+                              other.data_ptr())
+        return grads, gx
+
+
+class _Heads:
+    """Forward of a :class:`ParallelClassifiers` and its masked cross-entropy, with the
+    backward on request (parameter gradients and/or the gradient of the inputs)."""
+
+    def __init__(self, heads: ParallelClassifiers, inputs: list[torch.Tensor],
+                 target_gn: torch.Tensor, weight_gn: torch.Tensor, n_classes_g: torch.Tensor):
+        self.heads = heads
+        self.widths = [x.shape[-1] for x in inputs]
+        k_max = heads.weights[0].shape[1]
+        x_gnk = torch.stack([x if x.shape[-1] == k_max else F.pad(x, (0, k_max - x.shape[-1]))
+                             for x in inputs])
+        norm = heads.layer_norms[0]
+        eps = float(norm.eps) if isinstance(norm, nn.LayerNorm) else None
+        n_layers = len(heads.layer_norms)
+        layers = [list(zip(_slices(heads.weights[i]), _slices(heads.biases[i])))
+                  for i in range(n_layers)]
+        self.mlp = _MLP(_slices(x_gnk), layers, False, eps, heads.dropout_rate, heads.training)
+        g, n, _ = x_gnk.shape
+        c = heads.weights[-1].shape[2]
+        self.logits = x_gnk.new_empty(g, n, c)
+        self.target_gn, self.weight_gn, self.n_classes_g = target_gn, weight_gn, n_classes_g
+        self.ce_g = x_gnk.new_empty(g)
+        self.lse_gn = x_gnk.new_empty(g, n)
+        self.denom_g = x_gnk.new_empty(g)
+        bad = self.mlp.lib.head_out_forward(
+            g, n, self.mlp.widths[-1], c, self.mlp.out.data_ptr(), heads.weights[-1].data_ptr(),
+            heads.biases[-1].data_ptr(), self.logits.data_ptr(), target_gn.data_ptr(),
+            weight_gn.data_ptr(), n_classes_g.data_ptr(), self.ce_g.data_ptr(),
+            self.lse_gn.data_ptr(), self.denom_g.data_ptr())
+        if bad:
+            raise ValueError(f"{bad} classifier targets are outside their head's classes.")
+
+    def backward(self, grad_g: torch.Tensor, params: bool, inputs: bool) -> list | None:
+        """Gradients for ``d loss / d ce_g = grad_g``: accumulated into the heads' parameters
+        when ``params``; returned per input (``(n, width)`` each) when ``inputs``."""
+        heads, mlp = self.heads, self.mlp
+        g, n, c = self.logits.shape
+        h = mlp.widths[-1]
+        d_logits = torch.empty_like(self.logits)
+        d_act = self.logits.new_empty(g, n, h)
+        g_wo = torch.empty_like(heads.weights[-1]) if params else None
+        g_bo = torch.empty_like(heads.biases[-1]) if params else None
+        mlp.lib.head_out_backward(
+            g, n, h, c, mlp.out.data_ptr(), heads.weights[-1].data_ptr(),
+            self.logits.data_ptr(), self.lse_gn.data_ptr(), self.target_gn.data_ptr(),
+            self.weight_gn.data_ptr(), self.denom_g.data_ptr(), grad_g.contiguous().data_ptr(),
+            self.n_classes_g.data_ptr(), d_logits.data_ptr(), native.ptr(g_wo),
+            native.ptr(g_bo), d_act.data_ptr())
+        grads, gx = mlp.backward(d_act, params, inputs)
+        if params:
+            _grad(heads.weights[-1], g_wo)
+            _grad(heads.biases[-1], g_bo)
+            for i, lay in enumerate(grads):
+                _grad(heads.weights[i], torch.stack([w for w, _ in lay]))
+                _grad(heads.biases[i], torch.stack([b for _, b in lay]))
+        if not inputs:
+            return None
+        return [x[:, :w] for x, w in zip(gx, self.widths)]
+
+
+class FastTrainingStep:
+    """The loss and parameter gradients of one FADVI training step, without autograd (see the
+    module docstring). ``module`` must pass :func:`fast_step_reason`."""
+
+    def __init__(self, module) -> None:
+        reason = fast_step_reason(module)
+        if reason is not None:
+            raise ValueError(f"FastTrainingStep does not cover this module: {reason}.")
+        self.m = module
+        self.widths = [module.n_latent_b, module.n_latent_l, module.n_latent_r]
+        self.offsets = {"b": 0, "l": self.widths[0], "r": self.widths[0] + self.widths[1]}
+        self.encs = (module.encoder_b, module.encoder_l, module.encoder_r)
+        self.n_classes = {
+            key: torch.tensor(h.n_classes, dtype=torch.int64)
+            for key, h in (("heads", module.heads), ("adversaries", module.adversaries))
+            if h is not None
+        }
+
+    # ------------------------------------------------------------------ encoders
+    def _encode(self, x_in: torch.Tensor) -> dict:
+        """The three encoders' forward: their hidden layers and ``loc``/``v`` ``(n, k)``."""
+        lins = [[_layer_parts(layer)[0] for layer in enc.encoder.fc_layers] for enc in self.encs]
+        _, eps, p = _layer_parts(self.encs[0].encoder.fc_layers[0])
+        layers = [[(lins[e][i].weight, lins[e][i].bias) for e in range(3)]
+                  for i in range(len(lins[0]))]
+        mlp = _MLP([x_in] * 3, layers, True, eps, p, True)
+        h = mlp.out
+        locs, vs = [], []
+        for e, enc in enumerate(self.encs):
+            locs.append(torch.addmm(enc.mean_encoder.bias, h[e], enc.mean_encoder.weight.t()))
+            vs.append(torch.addmm(enc.var_encoder.bias, h[e], enc.var_encoder.weight.t()))
+        return {"mlp": mlp, "lins": lins, "loc": torch.cat(locs, -1), "v": torch.cat(vs, -1)}
+
+    def _encoders_backward(self, enc: dict, d_loc: torch.Tensor, d_v: torch.Tensor) -> None:
+        mlp = enc["mlp"]
+        h_top = mlp.out
+        d_h = torch.empty_like(h_top)
+        for e, module in enumerate(self.encs):
+            lo, k = self.offsets["blr"[e]], self.widths[e]
+            dl, dv = d_loc[:, lo:lo + k], d_v[:, lo:lo + k]
+            _grad(module.mean_encoder.weight, dl.t() @ h_top[e])
+            _grad(module.mean_encoder.bias, dl.sum(0))
+            _grad(module.var_encoder.weight, dv.t() @ h_top[e])
+            _grad(module.var_encoder.bias, dv.sum(0))
+            torch.addmm(dl @ module.mean_encoder.weight, dv, module.var_encoder.weight, out=d_h[e])
+        grads, _ = mlp.backward(d_h, params=True, inputs=False)
+        for i, lay in enumerate(grads):
+            for e, (gw, gb) in enumerate(lay):
+                _grad(enc["lins"][e][i].weight, gw)
+                _grad(enc["lins"][e][i].bias, gb)
+
+    # ------------------------------------------------------------------ decoder
+    def _decode(self, z_nk: torch.Tensor, onehot_nb: torch.Tensor | None) -> dict:
+        px = self.m.decoder.px_decoder
+        ins, outs = [], []
+        h = z_nk
+        for i, layer in enumerate(px.fc_layers):
+            lin = layer[0]
+            inp = torch.cat([h, onehot_nb], -1) if (
+                onehot_nb is not None and (i == 0 or px.inject_covariates)) else h
+            if inp.shape[-1] != lin.in_features:
+                raise RuntimeError("unexpected decoder input width")  # guarded by the checks
+            h = torch.relu(torch.addmm(lin.bias, inp, lin.weight.t()))
+            ins.append(inp)
+            outs.append(h)
+        return {"ins": ins, "outs": outs}
+
+    def _decoder_backward(self, dec: dict, d_h: torch.Tensor) -> torch.Tensor:
+        px = self.m.decoder.px_decoder
+        for i in range(len(dec["outs"]) - 1, -1, -1):
+            lin = px.fc_layers[i][0]
+            d_pre = torch.ops.aten.threshold_backward(d_h, dec["outs"][i], 0.0)
+            _grad(lin.weight, d_pre.t() @ dec["ins"][i])
+            _grad(lin.bias, d_pre.sum(0))
+            d_in = d_pre @ lin.weight
+            width = dec["outs"][i - 1].shape[-1] if i > 0 else self.m.n_latent
+            d_h = d_in[:, :width]
+        return d_h
+
+    # ------------------------------------------------------------------ step
+    def adversary_update(self, loc_nk: torch.Tensor, targets: dict) -> torch.Tensor:
+        """The adversaries' own loss on the (detached) posterior means, with its parameter
+        gradients accumulated (alternating optimisation's first pass); the summed
+        cross-entropy."""
+        m = self.m
+        heads = self._heads(m.adversaries, m.adv_names, loc_nk, targets, "adversaries")
+        heads.backward(torch.ones_like(heads.ce_g), params=True, inputs=False)
+        return heads.ce_g.sum()
+
+    def _heads(self, heads, names, loc_nk, targets, key) -> _Heads:
+        from cellsight.models.fadvi.module import _HEAD_SOURCE, _HEAD_TARGET
+
+        inputs = []
+        for name in names:
+            src = _HEAD_SOURCE[name]
+            lo = self.offsets[src]
+            inputs.append(loc_nk[:, lo:lo + self.widths["blr".index(src)]])
+        kinds = [_HEAD_TARGET[name] for name in names]
+        target_gn = torch.stack([targets[k][0] for k in kinds]).contiguous()
+        weight_gn = torch.stack([targets[k][1] for k in kinds]).contiguous()
+        return _Heads(heads, inputs, target_gn, weight_gn, self.n_classes[key])
+
+    def __call__(
+        self, tensors: dict, kl_weight: float | torch.Tensor = 1.0,
+        adversarial: str = "reversal",
+        adversary_step: Callable[[Callable[[], torch.Tensor]], None] | None = None,
+    ) -> tuple[LossOutput, Callable[[], None]]:
+        """Forward pass of one step: the :class:`LossOutput` of :meth:`FactorDisentanglementVAE.
+        loss` and a function that accumulates every trained parameter's gradient.
+
+        ``adversarial`` is ``"reversal"`` (adversaries trained in the same backward, their
+        inputs' gradients multiplied by ``-alpha``) or ``"frozen"`` (``-alpha`` times their
+        cross-entropies, no gradient for the adversaries). ``adversary_step``, for alternating
+        optimisation, is called after the encoders with a function that computes the
+        adversaries' loss and accumulates their gradients (the caller zeroes, averages and
+        steps around it), before the adversaries are used for the main loss.
+        """
+        with torch.no_grad():
+            return self._step(tensors, kl_weight, adversarial, adversary_step)
+
+    def _step(self, tensors, kl_weight, adversarial, adversary_step):
+        m = self.m
+        x = tensors[K.X_KEY]
+        n = x.shape[0]
+        x = x.contiguous()
+        x_in = torch.log1p(x) if m.log_variational else x
+        enc = self._encode(x_in)
+        loc, v = enc["loc"], enc["v"]
+        var_eps = self.encs[0].var_eps
+        ev = torch.exp(v)
+        scale = torch.sqrt(ev + var_eps)
+        noise = torch.empty_like(loc).normal_()
+        z = torch.addcmul(loc, scale, noise)
+        targets = m._targets(tensors)
+        loc_d = loc.detach()
+        if adversary_step is not None and m.adversaries is not None:
+            adversary_step(lambda: self.adversary_update(loc_d, targets))
+        # decoder and likelihood
+        cats = m._categoricals(tensors[K.BATCH_KEY], None)
+        onehot = cats[0] if cats and m.n_batch > 1 else None
+        dec = self._decode(z, onehot)
+        h_top = dec["outs"][-1]
+        scale_layer = m.decoder.px_scale_decoder[0]
+        zi_layer = m.decoder.px_dropout_decoder
+        rho = torch.softmax(torch.addmm(scale_layer.bias, h_top, scale_layer.weight.t()), -1)
+        lib = torch.exp(torch.log(x.sum(-1, keepdim=True)))
+        mu = lib * rho
+        zi = torch.addmm(zi_layer.bias, h_top, zi_layer.weight.t())
+        theta = torch.exp(m.px_r)
+        ll_n = x.new_empty(n)
+        dmu, dzi, dth = torch.empty_like(mu), torch.empty_like(mu), torch.empty_like(mu)
+        status = _zinb_kernels().zinb_forward(
+            n, x.shape[1], x.data_ptr(), mu.data_ptr(), theta.data_ptr(), 1, zi.data_ptr(),
+            ll_n.data_ptr(), dmu.data_ptr(), dzi.data_ptr(), dth.data_ptr())
+        if status != 0:
+            raise MemoryError("the ZINB kernel could not allocate its scratch memory.")
+        rec_n = -ll_n
+        kl_nk = 0.5 * (loc.square() + scale.square() - 1.0) - scale.log()
+        kl_parts = torch.split(kl_nk, self.widths, dim=-1)
+        kl_local = {f"kl_divergence_z_{name}": part.sum(-1)
+                    for name, part in zip("blr", kl_parts)}
+        kl_w = float(kl_weight) * m.beta
+        loss = (rec_n + kl_w * kl_nk.sum(-1)).mean()
+        extra: dict[str, torch.Tensor] = {}
+        sup = adv = None
+        if m.heads is not None:
+            sup = self._heads(m.heads, m.sup_names, loc, targets, "heads")
+            for i, name in enumerate(m.sup_names):
+                key = "batch" if name == "head_batch" else "label"
+                extra[f"classification_loss_{key}"] = sup.ce_g[i]
+            loss = loss + (sup.ce_g * m.sup_lambda_g).sum()
+        reversal = adversarial == "reversal"
+        if m.adversaries is not None:
+            if adversarial not in ("reversal", "frozen"):
+                raise ValueError(f"adversarial={adversarial!r} must be 'reversal' or 'frozen'.")
+            adv = self._heads(m.adversaries, m.adv_names, loc, targets, "adversaries")
+            extra["adversarial_loss"] = adv.ce_g.sum()
+            loss = loss + (extra["adversarial_loss"] if reversal
+                           else -(adv.ce_g * m.adv_alpha_g).sum())
+        loc_leaf = None
+        if m.gamma > 0:
+            if n > 1:
+                loc_leaf = loc_d.clone().requires_grad_()
+                with torch.enable_grad():
+                    corr = correlation_penalty_of(loc_leaf, self.widths)
+                extra["cross_correlation"] = corr.detach()
+            else:
+                extra["cross_correlation"] = loc.new_zeros(())
+            loss = loss + m.gamma * extra["cross_correlation"]
+        out = LossOutput(loss=loss, reconstruction_loss=rec_n, kl_local=kl_local,
+                         extra_metrics=extra)
+
+        @torch.no_grad()
+        def backward() -> None:
+            # d loss / d loc and d v, from the KL, the heads and the correlation penalty
+            d_loc = loc * (kl_w / n)
+            # d kl / d v = 0.5 exp(v) (1 - 1 / scale^2)
+            d_v = ev * (0.5 * kl_w / n) * (1.0 - 1.0 / (ev + var_eps))
+            if loc_leaf is not None:
+                with torch.enable_grad():
+                    (d_corr,) = torch.autograd.grad(corr, loc_leaf)
+                d_loc.add_(d_corr, alpha=m.gamma)
+            if sup is not None:
+                d_in = sup.backward(m.sup_lambda_g, params=True, inputs=True)
+                self._add_inputs(d_loc, m.sup_names, d_in, None)
+            if adv is not None:
+                if reversal:
+                    d_in = adv.backward(torch.ones_like(adv.ce_g), params=True, inputs=True)
+                    self._add_inputs(d_loc, m.adv_names, d_in, -m.adv_alpha_g)
+                else:
+                    d_in = adv.backward(-m.adv_alpha_g, params=False, inputs=True)
+                    self._add_inputs(d_loc, m.adv_names, d_in, None)
+            # likelihood -> decoder outputs
+            grad_n = x.new_full((n,), -1.0 / n)
+            gmu, gzi, gth = torch.empty_like(mu), torch.empty_like(mu), x.new_empty(x.shape[1])
+            _zinb_kernels().zinb_backward(n, x.shape[1], grad_n.data_ptr(), dmu.data_ptr(),
+                                          dzi.data_ptr(), dth.data_ptr(), 1, gmu.data_ptr(),
+                                          gzi.data_ptr(), gth.data_ptr())
+            _grad(m.px_r, gth * theta)
+            t = mu * gmu
+            d_s = torch.addcmul(t, rho, t.sum(-1, keepdim=True), value=-1.0)
+            _grad(scale_layer.weight, d_s.t() @ h_top)
+            _grad(scale_layer.bias, d_s.sum(0))
+            _grad(zi_layer.weight, gzi.t() @ h_top)
+            _grad(zi_layer.bias, gzi.sum(0))
+            d_h = torch.addmm(d_s @ scale_layer.weight, gzi, zi_layer.weight)
+            d_z = self._decoder_backward(dec, d_h)
+            # z = loc + scale * noise, scale = sqrt(exp(v) + var_eps)
+            d_loc.add_(d_z)
+            d_v.addcmul_(d_z * noise, ev / (2.0 * scale))
+            self._encoders_backward(enc, d_loc, d_v)
+
+        return out, backward
+
+    def _add_inputs(self, d_loc, names, d_in, factor_g) -> None:
+        from cellsight.models.fadvi.module import _HEAD_SOURCE
+
+        for i, name in enumerate(names):
+            src = _HEAD_SOURCE[name]
+            lo = self.offsets[src]
+            part = d_in[i] if factor_g is None else d_in[i] * factor_g[i]
+            d_loc[:, lo:lo + part.shape[-1]].add_(part)
