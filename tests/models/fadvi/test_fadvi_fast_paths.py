@@ -152,3 +152,22 @@ def test_decoder_gets_the_one_hot_batch_and_covariates_scvi_fclayers_would_build
         ref = module.generative(**gen_in)
     assert torch.equal(ours["px"].mu, ref["px"].mu)
     assert torch.equal(ours["zi_logits"], ref["zi_logits"])
+
+
+def test_written_out_correlation_gradient_equals_autograd():
+    from cellsight.models.fadvi.correlation import (
+        correlation_penalty_and_grad,
+        correlation_penalty_of,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(50, 12, generator=gen, dtype=torch.float64)
+    z[:, 3] = 2.0  # a constant column: gradient 0 (autograd's subgradient of the norm)
+    z[:, 5] += 2 * z[:, 0]  # correlated across blocks
+    leaf = z.clone().requires_grad_()
+    value = correlation_penalty_of(leaf, [5, 4, 3])
+    (grad,) = torch.autograd.grad(value, leaf)
+    ours, ours_grad = correlation_penalty_and_grad(z, [5, 4, 3])
+    torch.testing.assert_close(ours, value.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours_grad, grad, rtol=1e-10, atol=1e-12)
+    assert float(grad.abs().max()) > 1e-3 and torch.all(ours_grad[:, 3] == 0)

@@ -1,6 +1,6 @@
 """FADVI's encoder helpers: the three encoders in one pass, Gaussian parameters, fast dropout.
 
-In the one-pass form (:func:`encode_fused`, FADVI's training path) each hidden layer's
+In the one-pass form (:func:`encode_fused`, FADVI's autograd training path) each hidden layer's
 ``LayerNorm -> ReLU -> Dropout`` tail is one fused C kernel forward and one backward
 (:func:`cellsight.nn.fused_layers.ln_relu_dropout`: the same values, and the same dropout mask
 for the same torch generator state, as the modules) when the layer holds exactly those

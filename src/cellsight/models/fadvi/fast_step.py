@@ -7,8 +7,8 @@ graph node. This module computes the same loss and the same parameter gradients 
 calls: the matrix products by torch (``addmm``/``baddbmm``/``bmm``, with their gradients written
 out), the elementwise chains by the fused C kernels of :mod:`cellsight.nn.native` (the ZINB
 log-likelihood and its derivatives; LayerNorm, ReLU and dropout of every hidden layer; the heads'
-masked cross-entropy), and nothing recorded by autograd (the correlation penalty, a
-``cells x latent`` computation, is differentiated by autograd on its own small graph).
+masked cross-entropy), and nothing recorded by autograd (the correlation penalty's gradient
+is written out too, :func:`~cellsight.models.fadvi.correlation.correlation_penalty_and_grad`).
 
 It draws its random numbers in the order of the autograd path (the encoders' dropout, the
 posterior sample, then, for alternating optimisation, the adversaries' dropout of their update,
@@ -34,10 +34,9 @@ from scvi import REGISTRY_KEYS as K
 from scvi.module.base import LossOutput
 from torch import nn
 
-from cellsight.models.fadvi.correlation import correlation_penalty_of
+from cellsight.models.fadvi.correlation import correlation_penalty_and_grad
 from cellsight.models.fadvi.heads import FastDropout, ParallelClassifiers
 from cellsight.nn import native
-from cellsight.nn.fused_layers import _dense
 from cellsight.nn.zinb_native import _kernels as _zinb_kernels
 
 __all__ = ["FastTrainingStep", "fast_step_reason"]
@@ -90,8 +89,8 @@ def fast_step_reason(module) -> str | None:
     params = list(module.parameters())
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params):
         return "parameters are not float32 on the CPU"
-    if not native.enabled() or _dense() is None or _zinb_kernels() is None:
-        return "the native kernels are not available"
+    if not native.enabled() or _zinb_kernels() is None or _mlp_kernels() is None:
+        return "the native kernels (or torch's BLAS sgemm) are not available"
     return None
 
 
@@ -448,13 +447,11 @@ class FastTrainingStep:
             extra["adversarial_loss"] = adv.ce_g.sum()
             loss = loss + (extra["adversarial_loss"] if reversal
                            else -(adv.ce_g * m.adv_alpha_g).sum())
-        loc_leaf = None
+        d_corr = None
         if m.gamma > 0:
             if n > 1:
-                loc_leaf = loc_d.clone().requires_grad_()
-                with torch.enable_grad():
-                    corr = correlation_penalty_of(loc_leaf, self.widths)
-                extra["cross_correlation"] = corr.detach()
+                extra["cross_correlation"], d_corr = correlation_penalty_and_grad(
+                    loc, self.widths)
             else:
                 extra["cross_correlation"] = loc.new_zeros(())
             loss = loss + m.gamma * extra["cross_correlation"]
@@ -467,9 +464,7 @@ class FastTrainingStep:
             d_loc = loc * (kl_w / n)
             # d kl / d v = 0.5 exp(v) (1 - 1 / scale^2)
             d_v = ev * (0.5 * kl_w / n) * (1.0 - 1.0 / (ev + var_eps))
-            if loc_leaf is not None:
-                with torch.enable_grad():
-                    (d_corr,) = torch.autograd.grad(corr, loc_leaf)
+            if d_corr is not None:
                 d_loc.add_(d_corr, alpha=m.gamma)
             if sup is not None:
                 d_in = sup.backward(m.sup_lambda_g, params=True, inputs=True)
