@@ -37,7 +37,6 @@ from torch import nn
 from cellsight.models.fadvi.correlation import correlation_penalty_and_grad
 from cellsight.models.fadvi.heads import FastDropout, ParallelClassifiers
 from cellsight.nn import native
-from cellsight.nn.zinb_native import _kernels as _zinb_kernels
 
 __all__ = ["FastTrainingStep", "fast_step_reason"]
 
@@ -79,17 +78,21 @@ def fast_step_reason(module) -> str | None:
             return "a custom encoder variance or distribution"
         if any(_layer_parts(layer) is None for layer in enc.encoder.fc_layers):
             return "an encoder layer other than Linear/LayerNorm/ReLU/dropout"
+    widths = set()
     for layer in module.decoder.px_decoder.fc_layers:
         parts = _layer_parts(layer)
         if parts is None or parts[1] is not None or parts[2] > 0:
             return "a decoder layer other than Linear/ReLU"
+        widths.add(parts[0].out_features)
+    if len(widths) != 1:
+        return "decoder layers of different widths"
     for heads in (module.heads, module.adversaries):
         if heads is not None and any(isinstance(nm, nn.BatchNorm1d) for nm in heads.norms):
             return "BatchNorm in the classifier heads"
     params = list(module.parameters())
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in params):
         return "parameters are not float32 on the CPU"
-    if not native.enabled() or _zinb_kernels() is None or _mlp_kernels() is None:
+    if not native.enabled() or _mlp_kernels() is None:
         return "the native kernels (or torch's BLAS sgemm) are not available"
     return None
 
@@ -118,6 +121,9 @@ _SIGNATURES = {
                                 _P]),
     "head_out_backward": (None, [_I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P,
                                  _P, _P, _P, _P]),
+    "decoder_zinb_forward": (ctypes.c_int, [_I64] * 7 + [_P, _P, _P, _PP, _PP, _P, _PP] + [_P] * 8),
+    "decoder_zinb_backward": (None, [_I64] * 7 + [_P, _P, _PP, _PP] + [_P] * 7
+                              + [_PP, _PP] + [_P] * 6),
 }
 
 
@@ -244,6 +250,7 @@ class _Heads:
         """Gradients for ``d loss / d ce_g = grad_g``: accumulated into the heads' parameters
         when ``params``; returned per input (``(n, width)`` each) when ``inputs``."""
         heads, mlp = self.heads, self.mlp
+        grad_g = grad_g.contiguous()  # bound: the C call reads it
         g, n, c = self.logits.shape
         h = mlp.widths[-1]
         d_logits = torch.empty_like(self.logits)
@@ -253,7 +260,7 @@ class _Heads:
         mlp.lib.head_out_backward(
             g, n, h, c, mlp.out.data_ptr(), heads.weights[-1].data_ptr(),
             self.logits.data_ptr(), self.lse_gn.data_ptr(), self.target_gn.data_ptr(),
-            self.weight_gn.data_ptr(), self.denom_g.data_ptr(), grad_g.contiguous().data_ptr(),
+            self.weight_gn.data_ptr(), self.denom_g.data_ptr(), grad_g.data_ptr(),
             self.n_classes_g.data_ptr(), d_logits.data_ptr(), native.ptr(g_wo),
             native.ptr(g_bo), d_act.data_ptr())
         grads, gx = mlp.backward(d_act, params, inputs)
@@ -266,6 +273,62 @@ class _Heads:
         if not inputs:
             return None
         return [x[:, :w] for x, w in zip(gx, self.widths)]
+
+
+class _Decoder:
+    """scVI's decoder and the ZINB log-likelihood of the counts, forward now and backward on
+    request, one C call each (``decoder_zinb_*`` of ``csrc/stacked_mlp.c``)."""
+
+    def __init__(self, m, z: torch.Tensor, batch_n1: torch.Tensor, x: torch.Tensor):
+        self.lib = _mlp_kernels()
+        px = m.decoder.px_decoder
+        lins = [layer[0] for layer in px.fc_layers]
+        outs = [m.decoder.px_scale_decoder[0], m.decoder.px_dropout_decoder]
+        self.params = lins + outs
+        self.px_r = m.px_r
+        n, g = x.shape
+        h = lins[0].out_features
+        nb = m.n_batch if m.n_batch > 1 else 0
+        self.dims = (n, g, z.shape[1], h, len(lins), nb, int(bool(px.inject_covariates)))
+        self.z, self.x = z.contiguous(), x
+        self.batch = batch_n1.reshape(-1).long().contiguous()
+        self.hs = [x.new_empty(n, h) for _ in lins]
+        self.rho, self.mu, self.zi = (x.new_empty(n, g) for _ in range(3))
+        self.dmu, self.dzi, self.dth = (x.new_empty(n, g) for _ in range(3))
+        self.theta = x.new_empty(g)
+        self.ll = x.new_empty(n)
+        self._w = _ptrs([p.weight for p in self.params])
+        self._hs = _ptrs(self.hs)
+        status = self.lib.decoder_zinb_forward(
+            *self.dims, self.z.data_ptr(), self.batch.data_ptr(), x.data_ptr(), self._w,
+            _ptrs([p.bias for p in self.params]), m.px_r.data_ptr(), self._hs,
+            self.rho.data_ptr(), self.mu.data_ptr(), self.zi.data_ptr(), self.theta.data_ptr(),
+            self.ll.data_ptr(), self.dmu.data_ptr(), self.dzi.data_ptr(), self.dth.data_ptr())
+        if status != 0:
+            raise MemoryError("the ZINB kernel could not allocate its scratch memory.")
+
+    def backward(self, grad_n: torch.Tensor) -> torch.Tensor:
+        """Accumulate the decoder's and ``px_r``'s gradients for ``d loss / d ll = grad_n``;
+        returns ``d loss / d z``."""
+        n, g, k, h = self.dims[:4]
+        grad_n = grad_n.contiguous()  # bound: the C call reads it
+        g_w = [torch.empty_like(p.weight) for p in self.params]
+        g_b = [torch.empty_like(p.bias) for p in self.params]
+        g_px_r = torch.empty_like(self.px_r)
+        d_z = self.z.new_empty(n, k)
+        scratch = [self.x.new_empty(n, g), self.x.new_empty(n, g), self.x.new_empty(n, h),
+                   self.x.new_empty(n, h)]  # referenced until the call returns
+        self.lib.decoder_zinb_backward(
+            *self.dims, self.z.data_ptr(), self.batch.data_ptr(), self._w, self._hs,
+            self.rho.data_ptr(), self.mu.data_ptr(), self.theta.data_ptr(), self.dmu.data_ptr(),
+            self.dzi.data_ptr(), self.dth.data_ptr(), grad_n.data_ptr(),
+            _ptrs(g_w), _ptrs(g_b), g_px_r.data_ptr(), d_z.data_ptr(),
+            *[t.data_ptr() for t in scratch])
+        for p, gw, gb in zip(self.params, g_w, g_b):
+            _grad(p.weight, gw)
+            _grad(p.bias, gb)
+        _grad(self.px_r, g_px_r)
+        return d_z
 
 
 class FastTrainingStep:
@@ -318,34 +381,6 @@ class FastTrainingStep:
             for e, (gw, gb) in enumerate(lay):
                 _grad(enc["lins"][e][i].weight, gw)
                 _grad(enc["lins"][e][i].bias, gb)
-
-    # ------------------------------------------------------------------ decoder
-    def _decode(self, z_nk: torch.Tensor, onehot_nb: torch.Tensor | None) -> dict:
-        px = self.m.decoder.px_decoder
-        ins, outs = [], []
-        h = z_nk
-        for i, layer in enumerate(px.fc_layers):
-            lin = layer[0]
-            inp = torch.cat([h, onehot_nb], -1) if (
-                onehot_nb is not None and (i == 0 or px.inject_covariates)) else h
-            if inp.shape[-1] != lin.in_features:
-                raise RuntimeError("unexpected decoder input width")  # guarded by the checks
-            h = torch.relu(torch.addmm(lin.bias, inp, lin.weight.t()))
-            ins.append(inp)
-            outs.append(h)
-        return {"ins": ins, "outs": outs}
-
-    def _decoder_backward(self, dec: dict, d_h: torch.Tensor) -> torch.Tensor:
-        px = self.m.decoder.px_decoder
-        for i in range(len(dec["outs"]) - 1, -1, -1):
-            lin = px.fc_layers[i][0]
-            d_pre = torch.ops.aten.threshold_backward(d_h, dec["outs"][i], 0.0)
-            _grad(lin.weight, d_pre.t() @ dec["ins"][i])
-            _grad(lin.bias, d_pre.sum(0))
-            d_in = d_pre @ lin.weight
-            width = dec["outs"][i - 1].shape[-1] if i > 0 else self.m.n_latent
-            d_h = d_in[:, :width]
-        return d_h
 
     # ------------------------------------------------------------------ step
     def adversary_update(self, loc_nk: torch.Tensor, targets: dict) -> torch.Tensor:
@@ -405,25 +440,9 @@ class FastTrainingStep:
         loc_d = loc.detach()
         if adversary_step is not None and m.adversaries is not None:
             adversary_step(lambda: self.adversary_update(loc_d, targets))
-        # decoder and likelihood
-        cats = m._categoricals(tensors[K.BATCH_KEY], None)
-        onehot = cats[0] if cats and m.n_batch > 1 else None
-        dec = self._decode(z, onehot)
-        h_top = dec["outs"][-1]
-        scale_layer = m.decoder.px_scale_decoder[0]
-        zi_layer = m.decoder.px_dropout_decoder
-        rho = torch.softmax(torch.addmm(scale_layer.bias, h_top, scale_layer.weight.t()), -1)
-        lib = torch.exp(torch.log(x.sum(-1, keepdim=True)))
-        mu = lib * rho
-        zi = torch.addmm(zi_layer.bias, h_top, zi_layer.weight.t())
-        theta = torch.exp(m.px_r)
-        ll_n = x.new_empty(n)
-        dmu, dzi, dth = torch.empty_like(mu), torch.empty_like(mu), torch.empty_like(mu)
-        status = _zinb_kernels().zinb_forward(
-            n, x.shape[1], x.data_ptr(), mu.data_ptr(), theta.data_ptr(), 1, zi.data_ptr(),
-            ll_n.data_ptr(), dmu.data_ptr(), dzi.data_ptr(), dth.data_ptr())
-        if status != 0:
-            raise MemoryError("the ZINB kernel could not allocate its scratch memory.")
+        # decoder and likelihood (one C pass)
+        dec = _Decoder(m, z, tensors[K.BATCH_KEY], x)
+        ll_n = dec.ll
         rec_n = -ll_n
         kl_nk = 0.5 * (loc.square() + scale.square() - 1.0) - scale.log()
         kl_parts = torch.split(kl_nk, self.widths, dim=-1)
@@ -476,21 +495,8 @@ class FastTrainingStep:
                 else:
                     d_in = adv.backward(-m.adv_alpha_g, params=False, inputs=True)
                     self._add_inputs(d_loc, m.adv_names, d_in, None)
-            # likelihood -> decoder outputs
-            grad_n = x.new_full((n,), -1.0 / n)
-            gmu, gzi, gth = torch.empty_like(mu), torch.empty_like(mu), x.new_empty(x.shape[1])
-            _zinb_kernels().zinb_backward(n, x.shape[1], grad_n.data_ptr(), dmu.data_ptr(),
-                                          dzi.data_ptr(), dth.data_ptr(), 1, gmu.data_ptr(),
-                                          gzi.data_ptr(), gth.data_ptr())
-            _grad(m.px_r, gth * theta)
-            t = mu * gmu
-            d_s = torch.addcmul(t, rho, t.sum(-1, keepdim=True), value=-1.0)
-            _grad(scale_layer.weight, d_s.t() @ h_top)
-            _grad(scale_layer.bias, d_s.sum(0))
-            _grad(zi_layer.weight, gzi.t() @ h_top)
-            _grad(zi_layer.bias, gzi.sum(0))
-            d_h = torch.addmm(d_s @ scale_layer.weight, gzi, zi_layer.weight)
-            d_z = self._decoder_backward(dec, d_h)
+            # likelihood -> decoder -> z
+            d_z = dec.backward(x.new_full((n,), -1.0 / n))
             # z = loc + scale * noise, scale = sqrt(exp(v) + var_eps)
             d_loc.add_(d_z)
             d_v.addcmul_(d_z * noise, ev / (2.0 * scale))

@@ -138,3 +138,145 @@ void head_out_backward(int64_t G, int64_t n, int64_t h, int64_t c, const float *
              d_act + g * n * h, (int)h);
     }
 }
+
+/* ------------------------------------------------------------------------------------------
+ * scVI's decoder with a ZINB likelihood (FADVI's generative model), forward and backward.
+ *
+ * Hidden layers l = 0 .. L-1: h_l = relu([h_{l-1}, onehot(batch)] W_l^T + b_l) with h_{-1} = z
+ * (n, k); W_l (out, in_l + nb) as nn.Linear stores it, its last nb columns the one-hot batch's
+ * (nb = 0: no batch input; inject = 0: the batch enters layer 0 only). Outputs:
+ * rho = softmax(h W_s^T + b_s), mu = lib rho with lib = exp(log(sum_g x)), zi = h W_z^T + b_z,
+ * theta = exp(px_r), and ll (n,) with the derivatives of zinb.c.
+ */
+#include "zinb.c"
+
+typedef struct {
+    int64_t n, g, k, h, L, nb, inject;
+} dec_dims;
+
+static int64_t dec_in_width(const dec_dims *d, int64_t l) {
+    const int64_t prev = l == 0 ? d->k : d->h;
+    return prev + ((d->nb > 0 && (l == 0 || d->inject)) ? d->nb : 0);
+}
+
+/* add the one-hot batch's column of W (out, in) to each row of out (n, o) */
+static void add_batch_columns(float *out, const float *W, int64_t in, int64_t prev,
+                              const int64_t *batch, int64_t n, int64_t o) {
+    for (int64_t i = 0; i < n; ++i) {
+        const float *col = W + prev + batch[i];
+        float *r = out + i * o;
+        for (int64_t c = 0; c < o; ++c) r[c] += col[c * in];
+    }
+}
+
+/* W: L + 2 weight pointers (hidden layers, then scale, then zero-inflation), B likewise.
+ * hs: L buffers (n, h) of the hidden outputs. rho, mu, zi, dmu, dzi, dth: (n, g); theta (g);
+ * ll (n). Returns zinb_forward's status. */
+int decoder_zinb_forward(int64_t n, int64_t g, int64_t k, int64_t h, int64_t L, int64_t nb,
+                         int64_t inject, const float *z, const int64_t *batch, const float *x,
+                         const float *const *W, const float *const *B, const float *px_r,
+                         float *const *hs, float *rho, float *mu, float *zi, float *theta,
+                         float *ll, float *dmu, float *dzi, float *dth) {
+    dec_dims d = {n, g, k, h, L, nb, inject};
+    for (int64_t l = 0; l < L; ++l) {
+        const int64_t in = dec_in_width(&d, l), prev = l == 0 ? k : h;
+        const float *src = l == 0 ? z : hs[l - 1];
+        float *o = hs[l];
+        fill_rows(o, B[l], n, h);
+        gemm(0, 1, (int)n, (int)h, (int)prev, 1.0f, src, (int)prev, W[l], (int)in, 1.0f, o,
+             (int)h);
+        if (in > prev) add_batch_columns(o, W[l], in, prev, batch, n, h);
+        for (int64_t q = 0; q < n * h; ++q) o[q] = o[q] > 0.0f ? o[q] : 0.0f;
+    }
+    const float *top = hs[L - 1];
+    fill_rows(rho, B[L], n, g);
+    gemm(0, 1, (int)n, (int)g, (int)h, 1.0f, top, (int)h, W[L], (int)h, 1.0f, rho, (int)g);
+    fill_rows(zi, B[L + 1], n, g);
+    gemm(0, 1, (int)n, (int)g, (int)h, 1.0f, top, (int)h, W[L + 1], (int)h, 1.0f, zi, (int)g);
+#pragma omp simd
+    for (int64_t j = 0; j < g; ++j) theta[j] = expf(px_r[j]);
+    for (int64_t i = 0; i < n; ++i) {
+        float *r = rho + i * g, *m = mu + i * g;
+        const float *xr = x + i * g;
+        double total = 0.0;
+        for (int64_t j = 0; j < g; ++j) total += xr[j];
+        const float lib = expf(logf((float)total));  /* as the torch path: exp(log(sum x)) */
+        float mx = r[0];
+        for (int64_t j = 1; j < g; ++j) mx = r[j] > mx ? r[j] : mx;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < g; ++j) {
+            r[j] = expf(r[j] - mx);
+            s += r[j];
+        }
+        const float inv = 1.0f / s;
+#pragma omp simd
+        for (int64_t j = 0; j < g; ++j) {
+            r[j] *= inv;
+            m[j] = lib * r[j];
+        }
+    }
+    return zinb_forward(n, g, x, mu, theta, 1, zi, ll, dmu, dzi, dth);
+}
+
+/* Backward from grad (n,) = d loss / d ll: parameter gradients gW/gB (L + 2 each, written) and
+ * g_px_r (g), and d_z (n, k). Scratch: ds, gzi (n, g), dh, dh2 (n, h). */
+void decoder_zinb_backward(int64_t n, int64_t g, int64_t k, int64_t h, int64_t L, int64_t nb,
+                           int64_t inject, const float *z, const int64_t *batch,
+                           const float *const *W, float *const *hs, const float *rho,
+                           const float *mu, const float *theta, const float *dmu,
+                           const float *dzi, const float *dth, const float *grad,
+                           float *const *gW, float *const *gB, float *g_px_r, float *d_z,
+                           float *ds, float *gzi, float *dh, float *dh2) {
+    dec_dims d = {n, g, k, h, L, nb, inject};
+    /* likelihood -> mu, zi, theta; mu = lib softmax(s) -> d s = t - rho sum(t), t = mu d mu */
+    zinb_backward(n, g, grad, dmu, dzi, dth, 1, ds, gzi, g_px_r);
+#pragma omp simd
+    for (int64_t j = 0; j < g; ++j) g_px_r[j] *= theta[j];
+    for (int64_t i = 0; i < n; ++i) {
+        float *r = ds + i * g;
+        const float *m = mu + i * g, *p = rho + i * g;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < g; ++j) {
+            r[j] *= m[j];
+            s += r[j];
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < g; ++j) r[j] -= p[j] * s;
+    }
+    const float *top = hs[L - 1];
+    gemm(1, 0, (int)g, (int)h, (int)n, 1.0f, ds, (int)g, top, (int)h, 0.0f, gW[L], (int)h);
+    col_sums(ds, n, g, gB[L], 0);
+    gemm(1, 0, (int)g, (int)h, (int)n, 1.0f, gzi, (int)g, top, (int)h, 0.0f, gW[L + 1], (int)h);
+    col_sums(gzi, n, g, gB[L + 1], 0);
+    gemm(0, 0, (int)n, (int)h, (int)g, 1.0f, ds, (int)g, W[L], (int)h, 0.0f, dh, (int)h);
+    gemm(0, 0, (int)n, (int)h, (int)g, 1.0f, gzi, (int)g, W[L + 1], (int)h, 1.0f, dh, (int)h);
+    for (int64_t l = L - 1; l >= 0; --l) {
+        const int64_t in = dec_in_width(&d, l), prev = l == 0 ? k : h;
+        const float *src = l == 0 ? z : hs[l - 1];
+        const float *out = hs[l];
+        for (int64_t q = 0; q < n * h; ++q) dh[q] = out[q] > 0.0f ? dh[q] : 0.0f;
+        /* gW (h, in): the first prev columns dh^T src, the batch columns per batch sums */
+        gemm(1, 0, (int)h, (int)prev, (int)n, 1.0f, dh, (int)h, src, (int)prev, 0.0f, gW[l],
+             (int)in);
+        if (in > prev) {
+            for (int64_t c = 0; c < h; ++c)
+                for (int64_t b = 0; b < nb; ++b) gW[l][c * in + prev + b] = 0.0f;
+            for (int64_t i = 0; i < n; ++i) {
+                const float *r = dh + i * h;
+                float *col = gW[l] + prev + batch[i];
+                for (int64_t c = 0; c < h; ++c) col[c * in] += r[c];
+            }
+        }
+        col_sums(dh, n, h, gB[l], 0);
+        float *dst = l == 0 ? d_z : dh2;
+        gemm(0, 0, (int)n, (int)prev, (int)h, 1.0f, dh, (int)h, W[l], (int)in, 0.0f, dst,
+             (int)prev);
+        if (l > 0) {
+            float *t = dh;
+            dh = dh2;
+            dh2 = t;
+        }
+    }
+}
