@@ -121,6 +121,9 @@ _SIGNATURES = {
                                 _P]),
     "head_out_backward": (None, [_I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P,
                                  _P, _P, _P, _P]),
+    "gauss_forward": (None, [_I64, _I64, _I64, _P, _P, _PP, _PP, _PP, _PP, _F32] + [_P] * 7),
+    "gauss_backward": (None, [_I64, _I64, _I64, _P, _P, _PP, _PP, _F32] + [_P] * 6
+                       + [_F32, _PP, _PP, _PP, _PP, _P, _P]),
     "decoder_zinb_forward": (ctypes.c_int, [_I64] * 7 + [_P, _P, _P, _PP, _PP, _P, _PP] + [_P] * 8),
     "decoder_zinb_backward": (None, [_I64] * 7 + [_P, _P, _PP, _PP] + [_P] * 7
                               + [_PP, _PP] + [_P] * 6),
@@ -343,6 +346,7 @@ class FastTrainingStep:
         self.widths = [module.n_latent_b, module.n_latent_l, module.n_latent_r]
         self.offsets = {"b": 0, "l": self.widths[0], "r": self.widths[0] + self.widths[1]}
         self.encs = (module.encoder_b, module.encoder_l, module.encoder_r)
+        self._k_c = (ctypes.c_int64 * 3)(*self.widths)
         self.n_classes = {
             key: torch.tensor(h.n_classes, dtype=torch.int64)
             for key, h in (("heads", module.heads), ("adversaries", module.adversaries))
@@ -351,33 +355,53 @@ class FastTrainingStep:
 
     # ------------------------------------------------------------------ encoders
     def _encode(self, x_in: torch.Tensor) -> dict:
-        """The three encoders' forward: their hidden layers and ``loc``/``v`` ``(n, k)``."""
+        """The three encoders' forward (their hidden layers, then the Gaussian heads, the
+        posterior sample and the KL terms, one C call each): a dict of the saved tensors, with
+        ``loc``, ``scale``, ``z`` and ``kl`` ``(n, k)``."""
         lins = [[_layer_parts(layer)[0] for layer in enc.encoder.fc_layers] for enc in self.encs]
         _, eps, p = _layer_parts(self.encs[0].encoder.fc_layers[0])
         layers = [[(lins[e][i].weight, lins[e][i].bias) for e in range(3)]
                   for i in range(len(lins[0]))]
         mlp = _MLP([x_in] * 3, layers, True, eps, p, True)
-        h = mlp.out
-        locs, vs = [], []
-        for e, enc in enumerate(self.encs):
-            locs.append(torch.addmm(enc.mean_encoder.bias, h[e], enc.mean_encoder.weight.t()))
-            vs.append(torch.addmm(enc.var_encoder.bias, h[e], enc.var_encoder.weight.t()))
-        return {"mlp": mlp, "lins": lins, "loc": torch.cat(locs, -1), "v": torch.cat(vs, -1)}
+        n, h = x_in.shape[0], mlp.widths[-1]
+        k = sum(self.widths)
+        loc, v, ev, scale, z, kl = (x_in.new_empty(n, k) for _ in range(6))
+        noise = torch.empty_like(loc).normal_()  # the autograd path's rsample draw
+        means = [enc.mean_encoder for enc in self.encs]
+        variances = [enc.var_encoder for enc in self.encs]
+        mlp.lib.gauss_forward(
+            3, n, h, self._k_c, mlp.out.data_ptr(), _ptrs([lin.weight for lin in means]),
+            _ptrs([lin.bias for lin in means]), _ptrs([lin.weight for lin in variances]),
+            _ptrs([lin.bias for lin in variances]), self.encs[0].var_eps, noise.data_ptr(),
+            loc.data_ptr(), v.data_ptr(), ev.data_ptr(), scale.data_ptr(), z.data_ptr(),
+            kl.data_ptr())
+        return {"mlp": mlp, "lins": lins, "loc": loc, "ev": ev, "scale": scale, "z": z,
+                "kl": kl, "noise": noise, "means": means, "variances": variances}
 
-    def _encoders_backward(self, enc: dict, d_loc: torch.Tensor, d_v: torch.Tensor) -> None:
+    def _encoders_backward(self, enc: dict, d_loc: torch.Tensor, d_z: torch.Tensor,
+                           klc: float) -> None:
+        """Accumulate the encoders' gradients from ``d loss / d loc`` (all but the sample's
+        and the KL's part; overwritten), ``d loss / d z`` and ``klc = d loss / d kl``."""
         mlp = enc["mlp"]
-        h_top = mlp.out
-        d_h = torch.empty_like(h_top)
-        for e, module in enumerate(self.encs):
-            lo, k = self.offsets["blr"[e]], self.widths[e]
-            dl, dv = d_loc[:, lo:lo + k], d_v[:, lo:lo + k]
-            _grad(module.mean_encoder.weight, dl.t() @ h_top[e])
-            _grad(module.mean_encoder.bias, dl.sum(0))
-            _grad(module.var_encoder.weight, dv.t() @ h_top[e])
-            _grad(module.var_encoder.bias, dv.sum(0))
-            torch.addmm(dl @ module.mean_encoder.weight, dv, module.var_encoder.weight, out=d_h[e])
-        grads, _ = mlp.backward(d_h, params=True, inputs=False)
-        for i, lay in enumerate(grads):
+        means, variances = enc["means"], enc["variances"]
+        grads = [[torch.empty_like(lin.weight), torch.empty_like(lin.bias)]
+                 for lin in means + variances]
+        d_act = torch.empty_like(mlp.out)
+        d_v = torch.empty_like(d_loc)
+        d_z = d_z.contiguous()
+        mlp.lib.gauss_backward(
+            3, d_loc.shape[0], mlp.widths[-1], self._k_c, mlp.out.data_ptr(),
+            _ptrs([lin.weight for lin in means]), _ptrs([lin.weight for lin in variances]),
+            self.encs[0].var_eps, enc["noise"].data_ptr(), enc["loc"].data_ptr(),
+            enc["ev"].data_ptr(), enc["scale"].data_ptr(), d_loc.data_ptr(), d_z.data_ptr(),
+            klc, _ptrs([g[0] for g in grads[:3]]), _ptrs([g[1] for g in grads[:3]]),
+            _ptrs([g[0] for g in grads[3:]]), _ptrs([g[1] for g in grads[3:]]),
+            d_act.data_ptr(), d_v.data_ptr())
+        for lin, (gw, gb) in zip(means + variances, grads):
+            _grad(lin.weight, gw)
+            _grad(lin.bias, gb)
+        layer_grads, _ = mlp.backward(d_act, params=True, inputs=False)
+        for i, lay in enumerate(layer_grads):
             for e, (gw, gb) in enumerate(lay):
                 _grad(enc["lins"][e][i].weight, gw)
                 _grad(enc["lins"][e][i].bias, gb)
@@ -430,12 +454,7 @@ class FastTrainingStep:
         x = x.contiguous()
         x_in = torch.log1p(x) if m.log_variational else x
         enc = self._encode(x_in)
-        loc, v = enc["loc"], enc["v"]
-        var_eps = self.encs[0].var_eps
-        ev = torch.exp(v)
-        scale = torch.sqrt(ev + var_eps)
-        noise = torch.empty_like(loc).normal_()
-        z = torch.addcmul(loc, scale, noise)
+        loc, z, kl_nk = enc["loc"], enc["z"], enc["kl"]
         targets = m._targets(tensors)
         loc_d = loc.detach()
         if adversary_step is not None and m.adversaries is not None:
@@ -444,7 +463,6 @@ class FastTrainingStep:
         dec = _Decoder(m, z, tensors[K.BATCH_KEY], x)
         ll_n = dec.ll
         rec_n = -ll_n
-        kl_nk = 0.5 * (loc.square() + scale.square() - 1.0) - scale.log()
         kl_parts = torch.split(kl_nk, self.widths, dim=-1)
         kl_local = {f"kl_divergence_z_{name}": part.sum(-1)
                     for name, part in zip("blr", kl_parts)}
@@ -479,10 +497,9 @@ class FastTrainingStep:
 
         @torch.no_grad()
         def backward() -> None:
-            # d loss / d loc and d v, from the KL, the heads and the correlation penalty
-            d_loc = loc * (kl_w / n)
-            # d kl / d v = 0.5 exp(v) (1 - 1 / scale^2)
-            d_v = ev * (0.5 * kl_w / n) * (1.0 - 1.0 / (ev + var_eps))
+            # d loss / d loc from the heads and the correlation penalty (the KL's and the
+            # sample's parts are added with the encoders' backward)
+            d_loc = torch.zeros_like(loc)
             if d_corr is not None:
                 d_loc.add_(d_corr, alpha=m.gamma)
             if sup is not None:
@@ -497,10 +514,7 @@ class FastTrainingStep:
                     self._add_inputs(d_loc, m.adv_names, d_in, None)
             # likelihood -> decoder -> z
             d_z = dec.backward(x.new_full((n,), -1.0 / n))
-            # z = loc + scale * noise, scale = sqrt(exp(v) + var_eps)
-            d_loc.add_(d_z)
-            d_v.addcmul_(d_z * noise, ev / (2.0 * scale))
-            self._encoders_backward(enc, d_loc, d_v)
+            self._encoders_backward(enc, d_loc, d_z, kl_w / n)
 
         return out, backward
 

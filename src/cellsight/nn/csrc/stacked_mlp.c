@@ -280,3 +280,82 @@ void decoder_zinb_backward(int64_t n, int64_t g, int64_t k, int64_t h, int64_t L
         }
     }
 }
+
+/* ------------------------------------------------------------------------------------------
+ * The Gaussian posterior heads of G encoders and its sample and KL divergence.
+ *
+ * Encoder g's last hidden layer act (G, n, h) gives loc_g = act_g Wm_g^T + bm_g and
+ * v_g = act_g Wv_g^T + bv_g (nn.Linear layouts, k[g] outputs each), written side by side into
+ * loc, v (n, K), K = sum k; then ev = exp(v), scale = sqrt(ev + var_eps), z = loc + scale noise
+ * and kl = 0.5 (loc^2 + scale^2 - 1) - log(scale) (n, K).
+ */
+void gauss_forward(int64_t G, int64_t n, int64_t h, const int64_t *k, const float *act,
+                   const float *const *Wm, const float *const *Bm, const float *const *Wv,
+                   const float *const *Bv, float var_eps, const float *noise, float *loc,
+                   float *v, float *ev, float *scale, float *z, float *kl) {
+    int64_t K = 0;
+    for (int64_t g = 0; g < G; ++g) K += k[g];
+    int64_t off = 0;
+    for (int64_t g = 0; g < G; ++g) {
+        for (int64_t i = 0; i < n; ++i) {
+            memcpy(loc + i * K + off, Bm[g], (size_t)k[g] * sizeof(float));
+            memcpy(v + i * K + off, Bv[g], (size_t)k[g] * sizeof(float));
+        }
+        gemm(0, 1, (int)n, (int)k[g], (int)h, 1.0f, act + g * n * h, (int)h, Wm[g], (int)h,
+             1.0f, loc + off, (int)K);
+        gemm(0, 1, (int)n, (int)k[g], (int)h, 1.0f, act + g * n * h, (int)h, Wv[g], (int)h,
+             1.0f, v + off, (int)K);
+        off += k[g];
+    }
+#pragma omp simd
+    for (int64_t q = 0; q < n * K; ++q) {
+        const float e = expf(v[q]);
+        const float s = sqrtf(e + var_eps);
+        ev[q] = e;
+        scale[q] = s;
+        z[q] = loc[q] + s * noise[q];
+        kl[q] = 0.5f * (loc[q] * loc[q] + s * s - 1.0f) - logf(s);
+    }
+}
+
+/* Backward. d_loc (n, K): d loss / d loc from everything but the sample and the KL (heads,
+ * penalties), overwritten with the total; d_z (n, K): d loss / d z; klc: d loss / d kl (one
+ * weight for every entry, kl_weight * beta / n). Writes the heads' gradients gWm, gBm, gWv, gBv
+ * (per encoder) and d_act (G, n, h). d_v: scratch (n, K). */
+void gauss_backward(int64_t G, int64_t n, int64_t h, const int64_t *k, const float *act,
+                    const float *const *Wm, const float *const *Wv, float var_eps,
+                    const float *noise, const float *loc, const float *ev, const float *scale,
+                    float *d_loc, const float *d_z, float klc, float *const *gWm,
+                    float *const *gBm, float *const *gWv, float *const *gBv, float *d_act,
+                    float *d_v) {
+    int64_t K = 0;
+    for (int64_t g = 0; g < G; ++g) K += k[g];
+#pragma omp simd
+    for (int64_t q = 0; q < n * K; ++q) {
+        const float e = ev[q], s = scale[q];
+        d_loc[q] += d_z[q] + klc * loc[q];
+        /* d kl / d v = 0.5 e (1 - 1 / s^2); d z / d v = noise e / (2 s) */
+        d_v[q] = d_z[q] * noise[q] * e / (2.0f * s) + 0.5f * klc * e * (1.0f - 1.0f / (e + var_eps));
+    }
+    int64_t off = 0;
+    for (int64_t g = 0; g < G; ++g) {
+        const float *a = act + g * n * h;
+        gemm(1, 0, (int)k[g], (int)h, (int)n, 1.0f, d_loc + off, (int)K, a, (int)h, 0.0f,
+             gWm[g], (int)h);
+        gemm(1, 0, (int)k[g], (int)h, (int)n, 1.0f, d_v + off, (int)K, a, (int)h, 0.0f, gWv[g],
+             (int)h);
+        memset(gBm[g], 0, (size_t)k[g] * sizeof(float));
+        memset(gBv[g], 0, (size_t)k[g] * sizeof(float));
+        for (int64_t i = 0; i < n; ++i)
+            for (int64_t c = 0; c < k[g]; ++c) {
+                gBm[g][c] += d_loc[i * K + off + c];
+                gBv[g][c] += d_v[i * K + off + c];
+            }
+        float *da = d_act + g * n * h;
+        gemm(0, 0, (int)n, (int)h, (int)k[g], 1.0f, d_loc + off, (int)K, Wm[g], (int)h, 0.0f, da,
+             (int)h);
+        gemm(0, 0, (int)n, (int)h, (int)k[g], 1.0f, d_v + off, (int)K, Wv[g], (int)h, 1.0f, da,
+             (int)h);
+        off += k[g];
+    }
+}
