@@ -19,7 +19,7 @@ from cellsight.nn.zinb_grad import ZINBLogLikelihood
 from cellsight.nn.zinb_native import NativeZINBLogLikelihood, zinb_native_usable
 
 pytestmark = pytest.mark.skipif(native.library("zinb") is None,
-                                reason="no C compiler: the native kernels cannot be built")
+                                reason="native kernels unavailable (no C compiler, or CELLSIGHT_NATIVE=0)")
 
 
 def _data(per_cell_theta: bool, seed: int = 0, n: int = 40, g: int = 37,

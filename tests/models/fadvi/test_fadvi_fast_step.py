@@ -20,7 +20,7 @@ from cellsight.nn import native
 
 pytestmark = pytest.mark.skipif(
     native.library("zinb") is None or native.library("dense") is None,
-    reason="no C compiler: the native kernels cannot be built")
+    reason="native kernels unavailable (no C compiler, or CELLSIGHT_NATIVE=0)")
 
 
 def _adata(n_batch: int = 2, seed: int = 0):
