@@ -18,8 +18,9 @@ from cellsight.nn.likelihoods import zinb_log_likelihood_n
 from cellsight.nn.zinb_grad import ZINBLogLikelihood
 from cellsight.nn.zinb_native import NativeZINBLogLikelihood, zinb_native_usable
 
-pytestmark = pytest.mark.skipif(native.library("zinb") is None,
-                                reason="native kernels unavailable (no C compiler, or CELLSIGHT_NATIVE=0)")
+pytestmark = pytest.mark.skipif(
+    native.library("zinb") is None,
+    reason="native kernels unavailable (no C compiler, or CELLSIGHT_NATIVE=0)")
 
 
 def _data(per_cell_theta: bool, seed: int = 0, n: int = 40, g: int = 37,

@@ -12,7 +12,7 @@ Both return what their torch compositions (:func:`ln_relu_dropout_torch`,
 :func:`masked_cross_entropy_torch`) return, to float32 rounding, and use them as the fallback:
 for inputs that are not float32, contiguous and on the CPU, when native kernels are disabled
 (``CELLSIGHT_NATIVE=0``) or cannot be built. The dropout mask is the one of
-:func:`cellsight.models.fadvi.heads.fast_dropout`, drawn from torch's generator by the same call,
+:func:`cellsight.nn.dropout.fast_dropout`, drawn from torch's generator by the same call,
 so for the same ``torch.manual_seed`` the fused and torch paths drop the same units. The fused
 backward passes are not differentiable themselves (``once_differentiable``): use the torch
 compositions where second derivatives are needed.
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from cellsight.nn import native
+from cellsight.nn.dropout import LEVELS, dropout_bits, dropout_threshold, fast_dropout
 
 __all__ = [
     "ln_relu_dropout",
@@ -36,7 +37,6 @@ __all__ = [
     "masked_cross_entropy_torch",
 ]
 
-_LEVELS = 1 << 15  # the resolution of fast_dropout's uniforms (15 bits)
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 _SIGNATURES = {
     "lrd_forward": (None, [_P, _P, _P, _P, _P, _I64, _I64, _F32, _I32, _F32, _I32]),
@@ -57,28 +57,11 @@ def _dense() -> ctypes.CDLL | None:
 
 
 # --------------------------------------------------------------------------- hidden-layer tail
-def _dropout_threshold(p: float, training: bool) -> int:
-    """``fast_dropout``'s threshold on the 15-bit uniforms (0: no dropout, nothing drawn)."""
-    if not training or p <= 0.0:
-        return 0
-    if not p < 1.0:
-        raise ValueError(f"dropout p={p} must be < 1.")
-    return round(p * _LEVELS)
-
-
-def _draw_bits(n: int, device: torch.device) -> torch.Tensor:
-    """``fast_dropout``'s random numbers for ``n`` units: ``(n + 3) // 4`` 64-bit integers of
-    torch's generator, each cut into four 16-bit slices (the same call, so the same stream)."""
-    return torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
-
-
 def ln_relu_dropout_torch(
     h: torch.Tensor, p: float, training: bool = True, eps: float = 1e-5, layer_norm: bool = True
 ) -> torch.Tensor:
     """The torch composition that :func:`ln_relu_dropout` fuses:
     ``fast_dropout(relu(layer_norm(h)), p, training)`` (see there for the parameters)."""
-    from cellsight.models.fadvi.heads import fast_dropout  # heads imports this module
-
     if layer_norm:
         h = F.layer_norm(h, h.shape[-1:], eps=eps)
     return fast_dropout(F.relu(h), p, training)
@@ -125,7 +108,7 @@ def ln_relu_dropout(
 
     The values equal the torch composition's (:func:`ln_relu_dropout_torch`) to float32
     rounding, and the dropout mask is the same for the same state of torch's generator
-    (:func:`cellsight.models.fadvi.heads.fast_dropout`'s draw: the same call, same count).
+    (:func:`cellsight.nn.dropout.fast_dropout`'s draw: the same call, same count).
     Falls back to that composition when ``h`` is not a float32, contiguous CPU tensor, when
     the native kernels are disabled or unavailable (:mod:`cellsight.nn.native`), or when the
     rounded drop probability is 1. The fused backward is not itself differentiable.
@@ -148,16 +131,16 @@ def ln_relu_dropout(
     torch.Tensor
         A tensor of ``h``'s shape.
     """
-    threshold = _dropout_threshold(p, training)
-    lib = (_dense() if threshold < _LEVELS and h.dim() > 0 and h.numel() > 0
+    threshold = dropout_threshold(p, training)
+    lib = (_dense() if threshold < LEVELS and h.dim() > 0 and h.numel() > 0
            and native.usable(h) else None)
     if lib is None:
         return ln_relu_dropout_torch(h, p, training, eps, layer_norm)
     bits = None
     scale = 1.0
     if threshold > 0:
-        bits = _draw_bits(h.numel(), h.device).view(torch.int16)
-        scale = _LEVELS / (_LEVELS - threshold)
+        bits = dropout_bits(h.numel(), h.device)
+        scale = LEVELS / (LEVELS - threshold)
     if not (torch.is_grad_enabled() and h.requires_grad):
         y = torch.empty_like(h)
         width = h.shape[-1]

@@ -81,6 +81,8 @@ LAYOUTS = {
     "no dropout": {"dropout_rate": 0.0},
     "no correlation penalty": {"gamma": 0.0},
     "no adversaries": {"alpha_bl": 0.0, "alpha_lb": 0.0, "alpha_rb": 0.0, "alpha_rl": 0.0},
+    "counts not log-transformed": {"log_variational": False},
+    "narrower heads, three layers": {"n_hidden_head": 16, "n_layers": 3},
 }
 
 
@@ -190,3 +192,15 @@ def test_the_plan_takes_the_fast_step_and_gradient_clipping_still_applies(monkey
                 gradient_clip_val=1e-3, weight_averaging=None)
     assert calls and set(calls) == {"reversal"}
     assert norms and max(norms) <= 1e-3 * 1.0001
+
+
+def test_fast_step_is_deterministic_for_a_seed():
+    module, batch = _module_and_batch()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        out, grads = _fast_grads(module, batch, "reversal", 0.5)
+        runs.append((out.loss, grads))
+    assert torch.equal(runs[0][0], runs[1][0])
+    for name, g in runs[0][1].items():
+        assert (g is None and runs[1][1][name] is None) or torch.equal(g, runs[1][1][name])

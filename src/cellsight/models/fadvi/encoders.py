@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from scvi.nn import Encoder
 from torch import nn
 
-from cellsight.models.fadvi.heads import FastDropout
+from cellsight.nn.dropout import FastDropout
 from cellsight.nn.fused_layers import ln_relu_dropout
 
 __all__ = ["encode_fused", "gaussian_params", "with_fast_dropout"]

@@ -35,13 +35,11 @@ from scvi.module.base import LossOutput
 from torch import nn
 
 from cellsight.models.fadvi.correlation import correlation_penalty_and_grad
-from cellsight.models.fadvi.heads import FastDropout, ParallelClassifiers
+from cellsight.models.fadvi.heads import ParallelClassifiers
 from cellsight.nn import native
+from cellsight.nn.dropout import LEVELS, FastDropout, dropout_bits, dropout_threshold
 
 __all__ = ["FastTrainingStep", "fast_step_reason"]
-
-_LEVELS = 1 << 15
-
 
 def _layer_parts(layer: nn.Sequential) -> tuple[nn.Linear, float | None, float] | None:
     """``(linear, layer-norm eps or None, dropout p)`` of an ``scvi.nn.FCLayers`` layer of
@@ -105,11 +103,6 @@ def _grad(p: torch.Tensor, g: torch.Tensor) -> None:
         p.grad.add_(g.reshape(p.shape))
 
 
-def _bits(n: int) -> torch.Tensor:
-    """``fast_dropout``'s draw for ``n`` units (the same call as the autograd path)."""
-    return torch.empty((n + 3) // 4, dtype=torch.int64).random_().view(torch.int16)
-
-
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 _PP = ctypes.POINTER(ctypes.c_void_p)
 _SIGNATURES = {
@@ -170,10 +163,10 @@ class _MLP:
         self.widths = [inputs[0].shape[1]] + [
             (lay[0][0].shape[0] if wt else lay[0][0].shape[1]) for lay in layers]
         self.g, self.n, self.n_layers = g, n, len(layers)
-        threshold = round(p * _LEVELS) if training and p > 0 else 0
-        self.scale = _LEVELS / (_LEVELS - threshold) if threshold > 0 else 1.0
+        threshold = dropout_threshold(p, training)
+        self.scale = LEVELS / (LEVELS - threshold) if threshold > 0 else 1.0
         self.ln = eps is not None
-        bits = [_bits(g * n * w) if threshold > 0 else None for w in self.widths[1:]]
+        bits = [dropout_bits(g * n * w) if threshold > 0 else None for w in self.widths[1:]]
         self.act = [inputs[0].new_empty(g, n, w) for w in self.widths[1:]]
         self.xhat = [torch.empty_like(a) for a in self.act] if self.ln else [None] * len(bits)
         self.rstd = [inputs[0].new_empty(g * n) for _ in self.act] if self.ln else [None] * len(

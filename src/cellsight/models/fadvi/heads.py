@@ -8,9 +8,13 @@ then get zero gradients and stay zero) and outputs narrower than the widest are 
 result equals that of independent classifiers; batched matrix products and one normalisation
 call per layer replace the per-head calls, which dominate a small model's step on CPU.
 
-Dropout here (and, swapped in by the module, in FADVI's encoders) is :func:`fast_dropout`:
-torch's CPU dropout draws one 32-bit random number per unit (about 8 ns each, a tenth of a
-FADVI step); :func:`fast_dropout` cuts four 15-bit uniforms out of each 64-bit draw.
+Dropout here (and, swapped in by the module, in FADVI's encoders) is
+:func:`cellsight.nn.dropout.fast_dropout` (re-exported here), which cuts four 15-bit uniforms
+out of each 64-bit number of torch's generator.
+
+FADVI's default layout trains through :mod:`cellsight.models.fadvi.fast_step`, which runs the
+heads' forward and backward as C passes itself; the paths below serve the other layouts,
+``fast_step=False`` and inference.
 
 Fused path. Without BatchNorm, a hidden layer's ``[LayerNorm] -> ReLU -> Dropout`` tail runs
 as one fused C kernel forward and one backward (:func:`cellsight.nn.fused_layers.
@@ -31,62 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cellsight.nn.dropout import FastDropout, fast_dropout
 from cellsight.nn.fused_layers import ln_relu_dropout, masked_cross_entropy
 
 __all__ = ["ParallelClassifiers", "FastDropout", "fast_dropout"]
-
-_LEVELS = 1 << 15
-
-
-def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """Inverted dropout with a cheaper random mask than ``torch.nn.functional.dropout``.
-
-    Each unit is kept when a 15-bit uniform integer is ``>= round(p * 2**15)``, so the drop
-    probability is ``p`` rounded to a multiple of ``2**-15`` (0.1 becomes 0.100006); kept
-    units are scaled by the inverse of the exact keep probability, so ``E[output] = x``. The
-    integers are four 16-bit slices (top bit cleared) of each 64-bit number of torch's
-    generator: seeded by ``torch.manual_seed`` like any torch randomness.
-
-    Parameters
-    ----------
-    x
-        Any tensor.
-    p
-        Drop probability in ``[0, 1)``.
-    training
-        Without it (or with ``p == 0``) ``x`` is returned unchanged.
-    """
-    if not training or p <= 0.0:
-        return x
-    if not p < 1.0:
-        raise ValueError(f"dropout p={p} must be < 1.")
-    threshold = round(p * _LEVELS)
-    if threshold == 0:
-        return x
-    n = x.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
-    u_n = bits.view(torch.int16)[:n] & (_LEVELS - 1)
-    if threshold < _LEVELS:
-        # 1 where u >= threshold, else 0, by the sign of u - threshold (no comparison and no
-        # bool-to-float conversion, the two slow steps on CPU): 30% cheaper, the same mask
-        keep = ((u_n - threshold) >> 15).add_(1).view(x.shape).to(x.dtype)
-    else:
-        keep = (u_n >= threshold).view(x.shape).to(x.dtype)
-    return x * keep.mul_(_LEVELS / (_LEVELS - threshold))
-
-
-class FastDropout(nn.Module):
-    """Module form of :func:`fast_dropout` (a drop-in for ``nn.Dropout``)."""
-
-    def __init__(self, p: float = 0.5) -> None:
-        super().__init__()
-        self.p = float(p)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fast_dropout(x, self.p, self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 class _ScaleGradient(torch.autograd.Function):
