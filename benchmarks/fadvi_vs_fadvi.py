@@ -110,10 +110,29 @@ processes (median of 8 pairs; new faster in 7). Alternating 30-epoch runs of our
 Accuracies moved within seed-to-seed noise (means over the 5 seeds: kNN 0.795 new against
 0.789 old, ``predict`` 0.783 against 0.789; the peer 0.783 and 0.768).
 
-The epoch-time goal (ratio <= 0.3) is missed: about 40% of a step is matrix products
-already near the core's peak; the rest is the ZINB's transcendental functions over ``cells x
-genes``, LayerNorm, ReLU and dropout over the six heads' ``heads x cells x 128`` activations,
-and Adam, none of which fuses further without a compiler (see FADVI's notes).
+With the written-out training step (session 7: :mod:`cellsight.models.fadvi.fast_step`, the
+encoders, Gaussian heads, decoder with ZINB and classifier heads as C passes; idle machine
+apart from short edits, 100 epochs, ``--adversarial both``, reversal / alternating / fadvi):
+
+===========================  =================  =================  =================
+seed                         0                  1                  2
+===========================  =================  =================  =================
+CPU s/epoch rev. / alt. / fa  .077/.085/.231     .083/.084/.208     .074/.081/.225
+CPU ratio rev. / alt.        0.34 / 0.37        0.40 / 0.40        0.33 / 0.36
+kNN z_l rev. / alt. / fadvi  .782/.817/.810     .817/.831/.775     .775/.789/.796
+predict rev. / alt. / fadvi  .761/.789/.775     .803/.845/.754     .768/.796/.754
+scVI kNN                     0.782              0.782              0.768
+scib total rev./alt./fadvi   .778/.779/.755     .811/.787/.754     .772/.799/.770
+batch|z_l rev. / alt. / fa   .480/.487/.524     .457/.469/.497     .430/.416/.483
+batch|z_r rev. / alt. / fa   .540/.540/.503     .511/.506/.469     .510/.510/.494
+===========================  =================  =================  =================
+
+Means (alternating, the default): ``predict`` 0.810 against fadvi's 0.761, kNN from ``z_l``
+0.812 against 0.794 (scVI 0.777), scib total 0.788 against 0.760. The epoch-time goal (ratio
+<= 0.3) is still missed, now by 10-30%: a step is about 5.5 ms of matrix products near the
+core's peak, 1 ms of ZINB transcendentals, 0.5-0.9 ms Adam and about 3 ms of fixed cost per
+step (Python around the C passes, Lightning's loop, the dropout draws), measured at batch 8
+(4.0 ms a step against 12-14 ms at batch 128).
 
 Usage: ``python benchmarks/fadvi_vs_fadvi.py [--epochs 100] [--seed 0]
 [--adversarial alternating|reversal|both] [--skip-peer]``

@@ -81,46 +81,29 @@ class FADVI(PredictionMixin, ExpressionMixin, InterpretMixin, BaseModel):
       0.50) the batch is predicted from ``z_l`` with accuracy 0.59-0.60 with BatchNorm
       (``fadvi``'s choice) and 0.51-0.52 with LayerNorm, which has no running statistics;
       from ``z_r`` 0.53-0.55 either way.
-    * **Less work per step, same losses.** The three encoders run as one batched pass
-      (:meth:`~cellsight.models.fadvi.module.FactorDisentanglementVAE._encode_fused`), the six
-      heads as two (:class:`~cellsight.models.fadvi.heads.ParallelClassifiers`), dropout
-      draws a cheaper mask (:func:`~cellsight.models.fadvi.heads.fast_dropout`), the label
-      losses of unlabelled cells are masked without host synchronisation, the metrics are
-      published once per epoch and Adam is fused; the validation cells are scored after the
-      last epoch (see :meth:`train`). On the bundled PBMC data (one thread, batch 128,
-      interleaved runs on one machine) a training step of the module takes 17.3-18.0 ms
-      against 20.0-21.0 ms for the first version of this class, and not scoring the
-      validation cells every epoch saves about 15 ms more per epoch of 5 steps. Since then
-      each group of heads computes its cross-entropies with one log-softmax and reverses the
-      gradients of its inputs in one operation
-      (:meth:`~cellsight.models.fadvi.heads.ParallelClassifiers.cross_entropy_g`), and the ZINB
-      has a hand-written backward (:mod:`cellsight.nn.zinb_grad`, shared with SCVI): a further 3%
-      (median step 20.4 against 21.0 ms, interleaved, on a loaded machine). Then the ZINB
-      finds its non-zero counts with numpy's ``flatnonzero`` (55 against 330 us for
-      ``torch.nonzero`` on 128 x 765 counts) and scatters their terms into the dense matrix
-      it sums anyway (no per-row reductions), reads ``lgamma(x + 1)`` of the counts from a
-      table and takes the fast digamma with five reciprocals (130 against 320 us); dropout
-      builds the same mask from the sign of ``u - threshold``; the module one-hot encodes the
-      decoder's batch itself (``F.one_hot`` inside ``scvi.nn.FCLayers`` checks the codes'
-      range with two host synchronisations); the correlation penalty takes one norm and a
-      cached block mask. A training step fell from 21.0 to 19.4 ms (median of 16
-      interleaved chunks in one process; 20.6 against 17.7 ms alternating whole processes),
-      and the benchmark's CPU time per epoch (gradient reversal) to 0.41-0.44 of ``fadvi``'s
-      measured in the same runs (0.51 under a burst of load; five seeds, load 2-8; it was
-      0.47-0.51), accuracies unchanged within seed noise. What remains: about 40% of a step
-      is matrix products near the core's peak (~7 ms), ~1.7 ms transcendental functions (the
-      ZINB's ``softplus``/``logsigmoid``/``sigmoid``/``log`` over ``cells x genes``,
-      ``lgamma``/``digamma`` at the non-zero counts), ~2 ms elementwise and LayerNorm work
-      over the heads' and encoders' activations, ~1.1 ms Adam. Measured and not adopted: one
-      six-head pass instead of two groups (4.7 against 4.4 ms), a sparse first-layer weight
-      gradient (2.7 against 0.9 ms), numpy's SFC64 generator for the dropout bits (not worth
-      a different random stream). Both the benchmark and the peer use one torch thread, so no
-      OpenMP spin-waiting inflates either's CPU time.
-      ``torch.compile`` (inductor, CPU) was measured and is not used: compiling the whole
-      loss took 95-120 s (wall) before the first step and ran *slower* (21.8-22.5 against
-      17.8 ms a step: inductor's CPU dropout draws its mask element by element, 2-3 ms per
-      layer); compiling only the dense ZINB terms saved 0.1-0.2 ms a step for an 8.6 s
-      warm-up.
+    * **Less work per step, same losses.** In the default layout a training step is
+      written out (:mod:`cellsight.models.fadvi.fast_step`): the loss and every parameter's
+      gradient are computed without autograd, the encoders, the Gaussian heads with the
+      posterior sample and KL, the decoder with the ZINB likelihood, and each group of
+      classifier heads as one C pass forward and one backward (:mod:`cellsight.nn.native`;
+      the matrix products by the sgemm torch uses). For the same seed it gives autograd's loss
+      and gradients to float32 rounding (tests, parameter by parameter, over eight layouts);
+      other layouts, ``plan_kwargs={"fast_step": False}`` and machines without a C compiler
+      train through autograd, where the three encoders run as one batched pass, the six heads
+      as two (:class:`~cellsight.models.fadvi.heads.ParallelClassifiers`), dropout draws a
+      cheaper mask (:func:`cellsight.nn.dropout.fast_dropout`) and the ZINB likelihood and the
+      hidden layers' LayerNorm/ReLU/dropout are fused kernels. Either way the metrics are
+      published once per epoch, Adam is fused and the validation cells are scored after the
+      last epoch (see :meth:`train`). A step on the bundled PBMC data (one thread, batch 128)
+      fell from 21 ms (autograd, session 6) to 12-14 ms, and ``benchmarks/fadvi_vs_fadvi.py``
+      measures 0.33-0.40 of ``fadvi``'s CPU time per epoch with gradient reversal and
+      0.36-0.40 alternating (seeds 0-2; 0.43-0.50 before), accuracies unchanged within seed
+      noise. What remains is about 5.5 ms of matrix products near the core's peak, 1 ms of
+      ZINB transcendentals, 0.5-0.9 ms Adam and ~3 ms of fixed per-step cost (Python around
+      the C passes, Lightning's loop, the dropout draws). Measured and not adopted:
+      ``torch.compile`` (95-120 s to compile, then slower: 21.8-22.5 against 17.8 ms a
+      step), a sparse first layer (at the data's 23% non-zeros the sparse product and its
+      transposes cost as much as the dense product), one six-head pass instead of two groups.
     * **Adversaries by alternating optimisation** (``adversarial_training="alternating"``,
       the default: each step updates the adversaries on the detached latents, then
       everything else against the updated, frozen adversaries; see
