@@ -18,7 +18,7 @@ from torch import nn
 from cellsight.nn.dropout import FastDropout
 from cellsight.nn.fused_layers import ln_relu_dropout
 
-__all__ = ["encode_fused", "gaussian_params", "with_fast_dropout"]
+__all__ = ["encode_fused", "gaussian_params", "layer_parts", "with_fast_dropout"]
 
 
 def encode_fused(encs: tuple[Encoder, Encoder, Encoder],
@@ -48,7 +48,7 @@ def encode_fused(encs: tuple[Encoder, Encoder, Encoder],
             w_ghh = torch.stack([m.weight for m in lin]).transpose(1, 2)
             b_g1h = torch.stack([m.bias for m in lin]).unsqueeze(1)
             h3_gnh = torch.baddbmm(b_g1h, h3_gnh, w_ghh)
-        tail = _fusable_tail(layers[0], h3_gnh.shape[-1])
+        tail = _fusable_tail(layers[0])
         if tail is not None:
             h3_gnh = ln_relu_dropout(h3_gnh, *tail)
             continue
@@ -67,24 +67,35 @@ def encode_fused(encs: tuple[Encoder, Encoder, Encoder],
     return loc_nk, torch.cat(scales, -1)
 
 
-def _fusable_tail(layer: nn.Sequential, width: int) -> tuple[float, bool, float, bool] | None:
-    """``(p, training, eps, layer_norm)`` for :func:`~cellsight.nn.fused_layers.ln_relu_dropout`
-    when an ``scvi.nn.FCLayers`` layer (``Linear, BatchNorm, LayerNorm, activation, Dropout``,
-    each but the first possibly ``None``) has no BatchNorm, at most a LayerNorm without affine
-    parameters over its ``width`` outputs, a ReLU and at most a ``FastDropout``; else ``None``."""
-    if len(layer) != 5:
-        return None
-    _, batch_norm, norm, act, drop = layer
-    if batch_norm is not None or type(act) is not nn.ReLU:
+def layer_parts(layer: nn.Sequential) -> tuple[nn.Linear, float | None, float] | None:
+    """``(linear, LayerNorm eps or None, dropout p)`` of an ``scvi.nn.FCLayers`` layer of the
+    form ``Linear, [LayerNorm without affine parameters over its outputs], ReLU, [dropout]``
+    (no BatchNorm; the dropout a :class:`~cellsight.nn.dropout.FastDropout`, whose mask the
+    fused kernels reproduce, or a torch one of rate 0); ``None`` for any other form. The fused
+    paths (:func:`encode_fused`, :mod:`cellsight.models.fadvi.fast_step`) cover these."""
+    lin, batch_norm, norm, act, drop = (list(layer) + [None] * 5)[:5]
+    if (not isinstance(lin, nn.Linear) or batch_norm is not None or type(act) is not nn.ReLU
+            or len(layer) != 5):
         return None
     if norm is not None and (type(norm) is not nn.LayerNorm or norm.elementwise_affine
-                             or tuple(norm.normalized_shape) != (width,)):
+                             or tuple(norm.normalized_shape) != (lin.out_features,)):
         return None
-    if drop is not None and not isinstance(drop, FastDropout):
+    if drop is not None and not isinstance(drop, FastDropout) and not (
+            isinstance(drop, nn.Dropout) and drop.p == 0):
         return None
-    p, training = (drop.p, drop.training) if drop is not None else (0.0, False)
-    eps = norm.eps if norm is not None else 1e-5
-    return p, training, eps, norm is not None
+    return lin, (None if norm is None else float(norm.eps)), (0.0 if drop is None else drop.p)
+
+
+def _fusable_tail(layer: nn.Sequential) -> tuple[float, bool, float, bool] | None:
+    """``(p, training, eps, layer_norm)`` for :func:`~cellsight.nn.fused_layers.ln_relu_dropout`
+    of a layer :func:`layer_parts` covers, else ``None``."""
+    parts = layer_parts(layer)
+    if parts is None:
+        return None
+    _, eps, p = parts
+    drop = layer[4]
+    training = bool(drop is not None and drop.training)
+    return p, training, 1e-5 if eps is None else eps, eps is not None
 
 
 def gaussian_params(enc: Encoder, h_nh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

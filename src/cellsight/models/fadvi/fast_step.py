@@ -35,26 +35,12 @@ from scvi.module.base import LossOutput
 from torch import nn
 
 from cellsight.models.fadvi.correlation import correlation_penalty_and_grad
+from cellsight.models.fadvi.encoders import layer_parts
 from cellsight.models.fadvi.heads import ParallelClassifiers
 from cellsight.nn import native
-from cellsight.nn.dropout import LEVELS, FastDropout, dropout_bits, dropout_threshold
+from cellsight.nn.dropout import LEVELS, dropout_bits, dropout_threshold
 
 __all__ = ["FastTrainingStep", "fast_step_reason"]
-
-def _layer_parts(layer: nn.Sequential) -> tuple[nn.Linear, float | None, float] | None:
-    """``(linear, layer-norm eps or None, dropout p)`` of an ``scvi.nn.FCLayers`` layer of
-    the form Linear, [LayerNorm without affine], ReLU, [dropout]; ``None`` for other forms."""
-    lin, bn, ln, act, drop = (list(layer) + [None] * 5)[:5]
-    if not isinstance(lin, nn.Linear) or bn is not None or not isinstance(act, nn.ReLU):
-        return None
-    if ln is not None and not (isinstance(ln, nn.LayerNorm) and not ln.elementwise_affine):
-        return None
-    if drop is not None and not isinstance(drop, FastDropout | nn.Dropout):
-        return None
-    if isinstance(drop, nn.Dropout) and not isinstance(drop, FastDropout) and drop.p > 0:
-        return None  # torch's own dropout mask: only FastDropout's is reproduced
-    return lin, (None if ln is None else float(ln.eps)), (0.0 if drop is None else drop.p)
-
 
 def fast_step_reason(module) -> str | None:
     """Why :class:`FastTrainingStep` cannot train ``module`` (``None``: it can)."""
@@ -74,11 +60,11 @@ def fast_step_reason(module) -> str | None:
     for enc in (module.encoder_b, module.encoder_l, module.encoder_r):
         if enc.var_activation is not torch.exp or enc.distribution != "normal":
             return "a custom encoder variance or distribution"
-        if any(_layer_parts(layer) is None for layer in enc.encoder.fc_layers):
+        if any(layer_parts(layer) is None for layer in enc.encoder.fc_layers):
             return "an encoder layer other than Linear/LayerNorm/ReLU/dropout"
     widths = set()
     for layer in module.decoder.px_decoder.fc_layers:
-        parts = _layer_parts(layer)
+        parts = layer_parts(layer)
         if parts is None or parts[1] is not None or parts[2] > 0:
             return "a decoder layer other than Linear/ReLU"
         widths.add(parts[0].out_features)
@@ -340,19 +326,14 @@ class FastTrainingStep:
         self.offsets = {"b": 0, "l": self.widths[0], "r": self.widths[0] + self.widths[1]}
         self.encs = (module.encoder_b, module.encoder_l, module.encoder_r)
         self._k_c = (ctypes.c_int64 * 3)(*self.widths)
-        self.n_classes = {
-            key: torch.tensor(h.n_classes, dtype=torch.int64)
-            for key, h in (("heads", module.heads), ("adversaries", module.adversaries))
-            if h is not None
-        }
 
     # ------------------------------------------------------------------ encoders
     def _encode(self, x_in: torch.Tensor) -> dict:
         """The three encoders' forward (their hidden layers, then the Gaussian heads, the
         posterior sample and the KL terms, one C call each): a dict of the saved tensors, with
         ``loc``, ``scale``, ``z`` and ``kl`` ``(n, k)``."""
-        lins = [[_layer_parts(layer)[0] for layer in enc.encoder.fc_layers] for enc in self.encs]
-        _, eps, p = _layer_parts(self.encs[0].encoder.fc_layers[0])
+        lins = [[layer_parts(layer)[0] for layer in enc.encoder.fc_layers] for enc in self.encs]
+        _, eps, p = layer_parts(self.encs[0].encoder.fc_layers[0])
         layers = [[(lins[e][i].weight, lins[e][i].bias) for e in range(3)]
                   for i in range(len(lins[0]))]
         mlp = _MLP([x_in] * 3, layers, True, eps, p, True)
@@ -405,11 +386,11 @@ class FastTrainingStep:
         gradients accumulated (alternating optimisation's first pass); the summed
         cross-entropy."""
         m = self.m
-        heads = self._heads(m.adversaries, m.adv_names, loc_nk, targets, "adversaries")
+        heads = self._heads(m.adversaries, m.adv_names, loc_nk, targets)
         heads.backward(torch.ones_like(heads.ce_g), params=True, inputs=False)
         return heads.ce_g.sum()
 
-    def _heads(self, heads, names, loc_nk, targets, key) -> _Heads:
+    def _heads(self, heads, names, loc_nk, targets) -> _Heads:
         from cellsight.models.fadvi.module import _HEAD_SOURCE, _HEAD_TARGET
 
         inputs = []
@@ -420,7 +401,7 @@ class FastTrainingStep:
         kinds = [_HEAD_TARGET[name] for name in names]
         target_gn = torch.stack([targets[k][0] for k in kinds]).contiguous()
         weight_gn = torch.stack([targets[k][1] for k in kinds]).contiguous()
-        return _Heads(heads, inputs, target_gn, weight_gn, self.n_classes[key])
+        return _Heads(heads, inputs, target_gn, weight_gn, heads.n_classes_g)
 
     def __call__(
         self, tensors: dict, kl_weight: float | torch.Tensor = 1.0,
@@ -464,7 +445,7 @@ class FastTrainingStep:
         extra: dict[str, torch.Tensor] = {}
         sup = adv = None
         if m.heads is not None:
-            sup = self._heads(m.heads, m.sup_names, loc, targets, "heads")
+            sup = self._heads(m.heads, m.sup_names, loc, targets)
             for i, name in enumerate(m.sup_names):
                 key = "batch" if name == "head_batch" else "label"
                 extra[f"classification_loss_{key}"] = sup.ce_g[i]
@@ -473,7 +454,7 @@ class FastTrainingStep:
         if m.adversaries is not None:
             if adversarial not in ("reversal", "frozen"):
                 raise ValueError(f"adversarial={adversarial!r} must be 'reversal' or 'frozen'.")
-            adv = self._heads(m.adversaries, m.adv_names, loc, targets, "adversaries")
+            adv = self._heads(m.adversaries, m.adv_names, loc, targets)
             extra["adversarial_loss"] = adv.ce_g.sum()
             loss = loss + (extra["adversarial_loss"] if reversal
                            else -(adv.ce_g * m.adv_alpha_g).sum())

@@ -65,6 +65,15 @@ static inline double digamma_pos(double z) {
            - num / den;
 }
 
+/* lgamma and digamma of m values of theta (vectorised) */
+static void gamma_of_theta(const float *theta, int64_t m, double *lg, double *dg) {
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+        lg[j] = lgamma_pos((double)theta[j]);
+        dg[j] = digamma_pos((double)theta[j]);
+    }
+}
+
 /* x, mu, zi: (n, g); theta: (g,) when theta_per_gene, else (n, g).
  * Outputs: ll (n,), and the per-entry derivatives dmu, dzi, dtheta (n, g).
  * Returns 0, or -1 if the scratch memory could not be allocated. */
@@ -103,13 +112,7 @@ int zinb_forward(int64_t n, int64_t g, const float *x, const float *mu, const fl
                 ite_g[j] = 1.0f / (tr[j] + EPS);
                 c_g[j] = tr[j] * ite_g[j];
             }
-            if (theta_per_gene) {
-#pragma omp simd
-                for (int64_t j = 0; j < g; ++j) {
-                    lgt_g[j] = lgamma_pos((double)tr[j]);
-                    dgt_g[j] = digamma_pos((double)tr[j]);
-                }
-            }
+            if (theta_per_gene) gamma_of_theta(tr, g, lgt_g, dgt_g);
         }
         /* 1. every entry as if its count were zero; with q = mu / (theta + eps),
          * log(theta + eps) - log(tm) = -log1p(q) (no cancellation for large theta) and
@@ -156,13 +159,7 @@ int zinb_forward(int64_t n, int64_t g, const float *x, const float *mu, const fl
             clx[q] = (xv < (float)LOG_FACTORIAL_SIZE && (float)xi == xv)
                          ? log_factorial[xi] : lgamma_pos((double)xv + 1.0);
         }
-        if (!theta_per_gene) {
-#pragma omp simd
-            for (int64_t q = 0; q < k; ++q) {
-                clgt[q] = lgamma_pos((double)cth[q]);
-                cdgt[q] = digamma_pos((double)cth[q]);
-            }
-        }
+        if (!theta_per_gene) gamma_of_theta(cth, k, clgt, cdgt);
         double fix = 0.0;
 #pragma omp simd reduction(+ : fix)
         for (int64_t q = 0; q < k; ++q) {
