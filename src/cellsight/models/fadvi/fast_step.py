@@ -173,19 +173,20 @@ class _MLP:
         """``(G, n, h)`` output of the last hidden layer."""
         return self.act[-1]
 
-    def backward(self, d_out: torch.Tensor, params: bool, inputs: bool):
-        """From ``d loss / d out`` (``(G, n, h)``, consumed): the parameter gradients
-        (``[layer][network] -> (weight, bias)``) when ``params``, and the inputs' gradients
-        (one ``(n, k)`` each) when ``inputs``."""
+    def backward(self, d_out: torch.Tensor, params: bool, inputs: bool, grads=None):
+        """From ``d loss / d out`` (``(G, n, h)``, consumed): the parameter gradients when
+        ``params``, written into ``grads`` (``[layer][network] -> (weight, bias)`` tensors, e.g.
+        views of stacked gradients) or new tensors, and the inputs' gradients (one ``(n, k)``
+        each) when ``inputs``. Returns ``(grads, input gradients)``."""
         g, n = self.g, self.n
         # scratch of the hidden widths (the inputs' gradients go to their own buffers)
         d = d_out.contiguous()
         other = d_out.new_empty(g * n * max(self.widths[1:]))
-        grads = None
         gw = gb = None
         if params:
-            grads = [[(torch.empty_like(w), torch.empty_like(b)) for w, b in lay]
-                     for lay in self.layers]
+            if grads is None:
+                grads = [[(torch.empty_like(w), torch.empty_like(b)) for w, b in lay]
+                         for lay in self.layers]
             gw = _ptrs([lay[i][0] for lay in grads for i in range(g)])
             gb = _ptrs([lay[i][1] for lay in grads for i in range(g)])
         gx = [torch.empty_like(x) for x in self.inputs] if inputs else None
@@ -245,13 +246,18 @@ class _Heads:
             self.weight_gn.data_ptr(), self.denom_g.data_ptr(), grad_g.data_ptr(),
             self.n_classes_g.data_ptr(), d_logits.data_ptr(), native.ptr(g_wo),
             native.ptr(g_bo), d_act.data_ptr())
-        grads, gx = mlp.backward(d_act, params, inputs)
+        stacked = None
+        if params:  # the per-head gradients are written straight into stacked tensors
+            stacked = [(torch.empty_like(heads.weights[i]), torch.empty_like(heads.biases[i]))
+                       for i in range(mlp.n_layers)]
+        grads, gx = mlp.backward(d_act, params, inputs, grads=None if stacked is None else [
+            list(zip(_slices(w), _slices(b))) for w, b in stacked])
         if params:
             _grad(heads.weights[-1], g_wo)
             _grad(heads.biases[-1], g_bo)
-            for i, lay in enumerate(grads):
-                _grad(heads.weights[i], torch.stack([w for w, _ in lay]))
-                _grad(heads.biases[i], torch.stack([b for _, b in lay]))
+            for i, (w, b) in enumerate(stacked):
+                _grad(heads.weights[i], w)
+                _grad(heads.biases[i], b)
         if not inputs:
             return None
         return [x[:, :w] for x, w in zip(gx, self.widths)]
