@@ -111,14 +111,16 @@ Accuracies moved within seed-to-seed noise (means over the 5 seeds: kNN 0.795 ne
 0.789 old, ``predict`` 0.783 against 0.789; the peer 0.783 and 0.768).
 
 With the written-out training step (session 7: :mod:`cellsight.models.fadvi.fast_step`, the
-encoders, Gaussian heads, decoder with ZINB and classifier heads as C passes; idle machine
-apart from short edits, 100 epochs, ``--adversarial both``, reversal / alternating / fadvi):
+encoders, Gaussian heads, decoder with ZINB and classifier heads as C passes; idle machine,
+100 epochs, ``--adversarial both``, reversal / alternating / fadvi; a first series of runs,
+with short edits beside it, gave ratios 0.34 / 0.37, 0.40 / 0.40 and 0.33 / 0.36 and the
+same accuracies):
 
 ===========================  =================  =================  =================
 seed                         0                  1                  2
 ===========================  =================  =================  =================
-CPU s/epoch rev. / alt. / fa  .077/.085/.231     .083/.084/.208     .074/.081/.225
-CPU ratio rev. / alt.        0.34 / 0.37        0.40 / 0.40        0.33 / 0.36
+CPU s/epoch rev. / alt. / fa  .088/.086/.247     .084/.083/.205     .071/.073/.193
+CPU ratio rev. / alt.        0.36 / 0.35        0.41 / 0.40        0.37 / 0.38
 kNN z_l rev. / alt. / fadvi  .782/.817/.810     .817/.831/.775     .775/.789/.796
 predict rev. / alt. / fadvi  .761/.789/.775     .803/.845/.754     .768/.796/.754
 scVI kNN                     0.782              0.782              0.768
@@ -129,7 +131,7 @@ batch|z_r rev. / alt. / fa   .540/.540/.503     .511/.506/.469     .510/.510/.49
 
 Means (alternating, the default): ``predict`` 0.810 against fadvi's 0.761, kNN from ``z_l``
 0.812 against 0.794 (scVI 0.777), scib total 0.788 against 0.760. The epoch-time goal (ratio
-<= 0.3) is still missed, now by 10-30%: a step is about 5.5 ms of matrix products near the
+<= 0.3) is still missed, now by 15-35%: a step is about 5.5 ms of matrix products near the
 core's peak, 1 ms of ZINB transcendentals, 0.5-0.9 ms Adam and about 3 ms of fixed cost per
 step (Python around the C passes, Lightning's loop, the dropout draws), measured at batch 8
 (4.0 ms a step against 12-14 ms at batch 128).

@@ -96,11 +96,12 @@ class FADVI(PredictionMixin, ExpressionMixin, InterpretMixin, BaseModel):
       published once per epoch, Adam is fused and the validation cells are scored after the
       last epoch (see :meth:`train`). A step on the bundled PBMC data (one thread, batch 128)
       fell from 21 ms (autograd, session 6) to 12-14 ms, and ``benchmarks/fadvi_vs_fadvi.py``
-      measures 0.33-0.40 of ``fadvi``'s CPU time per epoch with gradient reversal and
-      0.36-0.40 alternating (seeds 0-2; 0.43-0.50 before), accuracies unchanged within seed
-      noise. What remains is about 5.5 ms of matrix products near the core's peak, 1 ms of
-      ZINB transcendentals, 0.5-0.9 ms Adam and ~3 ms of fixed per-step cost (Python around
-      the C passes, Lightning's loop, the dropout draws). Measured and not adopted:
+      measures 0.33-0.41 of ``fadvi``'s CPU time per epoch with gradient reversal and
+      0.35-0.40 alternating (seeds 0-2, two series; 0.43-0.50 before), accuracies unchanged
+      within seed noise. What remains is about 5.5 ms of matrix products near the core's
+      peak, 1 ms of ZINB transcendentals, 0.5-0.9 ms Adam and ~3-4 ms of Python and small torch
+      operations around the C passes (with Lightning's loop and the dropout draws). Measured
+      and not adopted:
       ``torch.compile`` (95-120 s to compile, then slower: 21.8-22.5 against 17.8 ms a
       step), a sparse first layer (at the data's 23% non-zeros the sparse product and its
       transposes cost as much as the dense product), one six-head pass instead of two groups.
