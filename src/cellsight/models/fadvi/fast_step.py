@@ -83,10 +83,12 @@ def fast_step_reason(module) -> str | None:
 
 def _grad(p: torch.Tensor, g: torch.Tensor) -> None:
     """Accumulate ``g`` into ``p.grad`` (as autograd does)."""
+    if g.shape != p.shape:
+        g = g.reshape(p.shape)
     if p.grad is None:
-        p.grad = g.reshape(p.shape)
+        p.grad = g
     else:
-        p.grad.add_(g.reshape(p.shape))
+        p.grad.add_(g)
 
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
@@ -201,8 +203,9 @@ class _Heads:
     """Forward of a :class:`ParallelClassifiers` and its masked cross-entropy, with the
     backward on request (parameter gradients and/or the gradient of the inputs)."""
 
-    def __init__(self, heads: ParallelClassifiers, inputs: list[torch.Tensor],
+    def __init__(self, heads: ParallelClassifiers, layers: list, inputs: list[torch.Tensor],
                  target_gn: torch.Tensor, weight_gn: torch.Tensor, n_classes_g: torch.Tensor):
+        """``layers[layer][head]``: ``(weight, bias)`` views of the stacked hidden layers."""
         self.heads = heads
         self.widths = [x.shape[-1] for x in inputs]
         k_max = heads.weights[0].shape[1]
@@ -210,9 +213,6 @@ class _Heads:
                              for x in inputs])
         norm = heads.layer_norms[0]
         eps = float(norm.eps) if isinstance(norm, nn.LayerNorm) else None
-        n_layers = len(heads.layer_norms)
-        layers = [list(zip(_slices(heads.weights[i]), _slices(heads.biases[i])))
-                  for i in range(n_layers)]
         self.mlp = _MLP(_slices(x_gnk), layers, False, eps, heads.dropout_rate, heads.training)
         g, n, _ = x_gnk.shape
         c = heads.weights[-1].shape[2]
@@ -332,6 +332,7 @@ class FastTrainingStep:
         self.offsets = {"b": 0, "l": self.widths[0], "r": self.widths[0] + self.widths[1]}
         self.encs = (module.encoder_b, module.encoder_l, module.encoder_r)
         self._k_c = (ctypes.c_int64 * 3)(*self.widths)
+        self._slices: dict[int, tuple] = {}
 
     # ------------------------------------------------------------------ encoders
     def _encode(self, x_in: torch.Tensor) -> dict:
@@ -407,7 +408,22 @@ class FastTrainingStep:
         kinds = [_HEAD_TARGET[name] for name in names]
         target_gn = torch.stack([targets[k][0] for k in kinds]).contiguous()
         weight_gn = torch.stack([targets[k][1] for k in kinds]).contiguous()
-        return _Heads(heads, inputs, target_gn, weight_gn, heads.n_classes_g)
+        return _Heads(heads, self._layer_slices(heads), inputs, target_gn, weight_gn,
+                      heads.n_classes_g)
+
+    def _layer_slices(self, heads: ParallelClassifiers) -> list:
+        """``[layer][head] -> (weight, bias)`` views of the heads' stacked hidden-layer
+        parameters, cached while the parameters' storage stays the same (it does under the
+        optimisers and ``load_state_dict``; ``.to()`` or a new ``.data`` rebuilds them)."""
+        n_layers = len(heads.layer_norms)
+        key = tuple(t.data_ptr() for i in range(n_layers)
+                    for t in (heads.weights[i], heads.biases[i]))
+        cached = self._slices.get(id(heads))
+        if cached is None or cached[0] != key:
+            cached = (key, [list(zip(_slices(heads.weights[i]), _slices(heads.biases[i])))
+                            for i in range(n_layers)])
+            self._slices[id(heads)] = cached
+        return cached[1]
 
     def __call__(
         self, tensors: dict, kl_weight: float | torch.Tensor = 1.0,
