@@ -122,7 +122,7 @@ def _build(name: str) -> Path:
 
 def library(name: str) -> ctypes.CDLL | None:
     """The compiled kernel library ``csrc/{name}.c`` (built on first use), or ``None`` when
-    native kernels are disabled or it cannot be built (warned once per library)."""
+    native kernels are disabled or it cannot be built (warned once per process)."""
     if not enabled():
         return None
     if name in _LIBS:
@@ -131,7 +131,7 @@ def library(name: str) -> ctypes.CDLL | None:
         lib: ctypes.CDLL | None = ctypes.CDLL(str(_build(name)))
     except (OSError, RuntimeError) as err:
         lib = None
-        if name not in _WARNED:
+        if not _WARNED:  # one warning per process, not one per library
             _WARNED.add(name)
             warnings.warn(
                 f"cellsight's native {name!r} kernels could not be built ({err}); using the "
