@@ -135,22 +135,32 @@ def _slices(t: torch.Tensor) -> list[torch.Tensor]:
     return list(t.unbind(0))
 
 
-class _MLP:
-    """Hidden layers Linear -> [LayerNorm] -> ReLU -> [dropout] of ``G`` networks, forward now
-    and backward on request, one C call each (``csrc/stacked_mlp.c``).
+class _Site:
+    """The fixed C arguments of ``G`` stacked networks' hidden layers: ``layers[l][g]`` is
+    ``(weight, bias)`` of layer ``l`` of network ``g`` (with ``wt`` the weights are ``(out,
+    in)`` as ``nn.Linear`` stores them, else ``(in, out)``), ``k_in`` the input width; the
+    pointer arrays are built once (the parameters are updated in place)."""
 
-    ``inputs``: each network's ``(n, k)`` input; ``layers[l][g]``: ``(weight, bias)`` of layer
-    ``l`` of network ``g``, with ``wt`` the weights are ``(out, in)`` (``nn.Linear``), else
-    ``(in, out)``.
-    """
-
-    def __init__(self, inputs, layers, wt: bool, eps: float | None, p: float, training: bool):
-        self.lib = _mlp_kernels()
-        self.inputs, self.layers, self.wt = inputs, layers, int(wt)
-        g, n = len(inputs), inputs[0].shape[0]
-        self.widths = [inputs[0].shape[1]] + [
+    def __init__(self, layers, k_in: int, wt: bool):
+        self.layers, self.wt, self.g = layers, int(wt), len(layers[0])
+        self.widths = [int(k_in)] + [
             (lay[0][0].shape[0] if wt else lay[0][0].shape[1]) for lay in layers]
-        self.g, self.n, self.n_layers = g, n, len(layers)
+        self.widths_c = (ctypes.c_int64 * len(self.widths))(*self.widths)
+        self.w = _ptrs([lay[i][0] for lay in layers for i in range(self.g)])
+        self.b = _ptrs([lay[i][1] for lay in layers for i in range(self.g)])
+
+
+class _MLP:
+    """Hidden layers Linear -> [LayerNorm] -> ReLU -> [dropout] of the networks of a
+    :class:`_Site`, forward now and backward on request, one C call each
+    (``csrc/stacked_mlp.c``); ``inputs``: each network's ``(n, k)`` input."""
+
+    def __init__(self, inputs, site: _Site, eps: float | None, p: float, training: bool):
+        self.lib = _mlp_kernels()
+        self.inputs, self.site = inputs, site
+        self.layers, self.wt, self.widths = site.layers, site.wt, site.widths
+        g, n = site.g, inputs[0].shape[0]
+        self.g, self.n, self.n_layers = g, n, len(site.layers)
         threshold = dropout_threshold(p, training)
         self.scale = LEVELS / (LEVELS - threshold) if threshold > 0 else 1.0
         self.ln = eps is not None
@@ -160,10 +170,8 @@ class _MLP:
         self.rstd = [inputs[0].new_empty(g * n) for _ in self.act] if self.ln else [None] * len(
             bits)
         pre = inputs[0].new_empty(g, n, max(self.widths[1:]))
-        self._widths_c = (ctypes.c_int64 * len(self.widths))(*self.widths)
+        self._widths_c, self._w, self._b = site.widths_c, site.w, site.b
         self._x = _ptrs(inputs)
-        self._w = _ptrs([lay[i][0] for lay in layers for i in range(g)])
-        self._b = _ptrs([lay[i][1] for lay in layers for i in range(g)])
         self._act, self._xhat, self._rstd = _ptrs(self.act), _ptrs(self.xhat), _ptrs(self.rstd)
         self.lib.mlp_forward(g, n, self.n_layers, self._widths_c, self._x, self._w, self._b,
                              self.wt, _ptrs(bits), threshold, self.scale,
@@ -203,9 +211,9 @@ class _Heads:
     """Forward of a :class:`ParallelClassifiers` and its masked cross-entropy, with the
     backward on request (parameter gradients and/or the gradient of the inputs)."""
 
-    def __init__(self, heads: ParallelClassifiers, layers: list, inputs: list[torch.Tensor],
+    def __init__(self, heads: ParallelClassifiers, site: _Site, inputs: list[torch.Tensor],
                  target_gn: torch.Tensor, weight_gn: torch.Tensor, n_classes_g: torch.Tensor):
-        """``layers[layer][head]``: ``(weight, bias)`` views of the stacked hidden layers."""
+        """``site``: the heads' hidden layers (views of the stacked parameters)."""
         self.heads = heads
         self.widths = [x.shape[-1] for x in inputs]
         k_max = heads.weights[0].shape[1]
@@ -213,7 +221,7 @@ class _Heads:
                              for x in inputs])
         norm = heads.layer_norms[0]
         eps = float(norm.eps) if isinstance(norm, nn.LayerNorm) else None
-        self.mlp = _MLP(_slices(x_gnk), layers, False, eps, heads.dropout_rate, heads.training)
+        self.mlp = _MLP(_slices(x_gnk), site, eps, heads.dropout_rate, heads.training)
         g, n, _ = x_gnk.shape
         c = heads.weights[-1].shape[2]
         self.logits = x_gnk.new_empty(g, n, c)
@@ -332,18 +340,19 @@ class FastTrainingStep:
         self.offsets = {"b": 0, "l": self.widths[0], "r": self.widths[0] + self.widths[1]}
         self.encs = (module.encoder_b, module.encoder_l, module.encoder_r)
         self._k_c = (ctypes.c_int64 * 3)(*self.widths)
-        self._slices: dict[int, tuple] = {}
+        self._params = list(module.parameters())
+        self._enc_tail = layer_parts(self.encs[0].encoder.fc_layers[0])
+        self._storage: tuple = ()
+        self._sites: dict[str, _Site] = {}
 
     # ------------------------------------------------------------------ encoders
     def _encode(self, x_in: torch.Tensor) -> dict:
         """The three encoders' forward (their hidden layers, then the Gaussian heads, the
         posterior sample and the KL terms, one C call each): a dict of the saved tensors, with
         ``loc``, ``scale``, ``z`` and ``kl`` ``(n, k)``."""
-        lins = [[layer_parts(layer)[0] for layer in enc.encoder.fc_layers] for enc in self.encs]
-        _, eps, p = layer_parts(self.encs[0].encoder.fc_layers[0])
-        layers = [[(lins[e][i].weight, lins[e][i].bias) for e in range(3)]
-                  for i in range(len(lins[0]))]
-        mlp = _MLP([x_in] * 3, layers, True, eps, p, True)
+        site = self._site("encoders")
+        _, eps, p = self._enc_tail
+        mlp = _MLP([x_in] * 3, site, eps, p, True)
         n, h = x_in.shape[0], mlp.widths[-1]
         k = sum(self.widths)
         loc, v, ev, scale, z, kl = (x_in.new_empty(n, k) for _ in range(6))
@@ -351,12 +360,11 @@ class FastTrainingStep:
         means = [enc.mean_encoder for enc in self.encs]
         variances = [enc.var_encoder for enc in self.encs]
         mlp.lib.gauss_forward(
-            3, n, h, self._k_c, mlp.out.data_ptr(), _ptrs([lin.weight for lin in means]),
-            _ptrs([lin.bias for lin in means]), _ptrs([lin.weight for lin in variances]),
-            _ptrs([lin.bias for lin in variances]), self.encs[0].var_eps, noise.data_ptr(),
+            3, n, h, self._k_c, mlp.out.data_ptr(), *site.gauss, self.encs[0].var_eps,
+            noise.data_ptr(),
             loc.data_ptr(), v.data_ptr(), ev.data_ptr(), scale.data_ptr(), z.data_ptr(),
             kl.data_ptr())
-        return {"mlp": mlp, "lins": lins, "loc": loc, "ev": ev, "scale": scale, "z": z,
+        return {"mlp": mlp, "lins": site.lins, "loc": loc, "ev": ev, "scale": scale, "z": z,
                 "kl": kl, "noise": noise, "means": means, "variances": variances}
 
     def _encoders_backward(self, enc: dict, d_loc: torch.Tensor, d_z: torch.Tensor,
@@ -372,7 +380,7 @@ class FastTrainingStep:
         d_z = d_z.contiguous()
         mlp.lib.gauss_backward(
             3, d_loc.shape[0], mlp.widths[-1], self._k_c, mlp.out.data_ptr(),
-            _ptrs([lin.weight for lin in means]), _ptrs([lin.weight for lin in variances]),
+            mlp.site.gauss[0], mlp.site.gauss[2],
             self.encs[0].var_eps, enc["noise"].data_ptr(), enc["loc"].data_ptr(),
             enc["ev"].data_ptr(), enc["scale"].data_ptr(), d_loc.data_ptr(), d_z.data_ptr(),
             klc, _ptrs([g[0] for g in grads[:3]]), _ptrs([g[1] for g in grads[:3]]),
@@ -408,22 +416,39 @@ class FastTrainingStep:
         kinds = [_HEAD_TARGET[name] for name in names]
         target_gn = torch.stack([targets[k][0] for k in kinds]).contiguous()
         weight_gn = torch.stack([targets[k][1] for k in kinds]).contiguous()
-        return _Heads(heads, self._layer_slices(heads), inputs, target_gn, weight_gn,
-                      heads.n_classes_g)
+        key = "heads" if heads is self.m.heads else "adversaries"
+        return _Heads(heads, self._site(key), inputs, target_gn, weight_gn, heads.n_classes_g)
 
-    def _layer_slices(self, heads: ParallelClassifiers) -> list:
-        """``[layer][head] -> (weight, bias)`` views of the heads' stacked hidden-layer
-        parameters, cached while the parameters' storage stays the same (it does under the
-        optimisers and ``load_state_dict``; ``.to()`` or a new ``.data`` rebuilds them)."""
-        n_layers = len(heads.layer_norms)
-        key = tuple(t.data_ptr() for i in range(n_layers)
-                    for t in (heads.weights[i], heads.biases[i]))
-        cached = self._slices.get(id(heads))
-        if cached is None or cached[0] != key:
-            cached = (key, [list(zip(_slices(heads.weights[i]), _slices(heads.biases[i])))
-                            for i in range(n_layers)])
-            self._slices[id(heads)] = cached
-        return cached[1]
+    def _site(self, key: str) -> _Site:
+        """The cached :class:`_Site` of ``"encoders"``, ``"heads"`` or ``"adversaries"``,
+        rebuilt when a parameter's storage changed (``.to()``, a new ``.data``; optimisers and
+        ``load_state_dict`` update in place)."""
+        storage = tuple(p.data_ptr() for p in self._params)
+        if storage != self._storage:
+            self._sites.clear()
+            self._storage = storage
+        site = self._sites.get(key)
+        if site is None:
+            if key == "encoders":
+                lins = [[layer_parts(layer)[0] for layer in enc.encoder.fc_layers]
+                        for enc in self.encs]
+                layers = [[(lins[e][i].weight, lins[e][i].bias) for e in range(3)]
+                          for i in range(len(lins[0]))]
+                site = _Site(layers, self.m.n_input, True)
+                site.lins = lins
+                means = [enc.mean_encoder for enc in self.encs]
+                variances = [enc.var_encoder for enc in self.encs]
+                site.gauss = (_ptrs([lin.weight for lin in means]),
+                              _ptrs([lin.bias for lin in means]),
+                              _ptrs([lin.weight for lin in variances]),
+                              _ptrs([lin.bias for lin in variances]))
+            else:
+                heads = getattr(self.m, key)
+                layers = [list(zip(_slices(heads.weights[i]), _slices(heads.biases[i])))
+                          for i in range(len(heads.layer_norms))]
+                site = _Site(layers, heads.weights[0].shape[1], False)
+            self._sites[key] = site
+        return site
 
     def __call__(
         self, tensors: dict, kl_weight: float | torch.Tensor = 1.0,
