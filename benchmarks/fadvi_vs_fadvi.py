@@ -129,6 +129,9 @@ batch|z_l rev. / alt. / fa   .480/.487/.524     .457/.469/.497     .430/.416/.48
 batch|z_r rev. / alt. / fa   .540/.540/.503     .511/.506/.469     .510/.510/.494
 ===========================  =================  =================  =================
 
+A third series after the last bookkeeping changes (same accuracies, the machine's speed
+drifting by about 15%): ratios 0.33 / 0.41, 0.38 / 0.44 and 0.35 / 0.35.
+
 Means (alternating, the default): ``predict`` 0.810 against fadvi's 0.761, kNN from ``z_l``
 0.812 against 0.794 (scVI 0.777), scib total 0.788 against 0.760. The epoch-time goal (ratio
 <= 0.3) is still missed, now by 15-35%: a step is about 5.5 ms of matrix products near the

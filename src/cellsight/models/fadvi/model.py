@@ -97,7 +97,7 @@ class FADVI(PredictionMixin, ExpressionMixin, InterpretMixin, BaseModel):
       last epoch (see :meth:`train`). A step on the bundled PBMC data (one thread, batch 128)
       fell from 21 ms (autograd, session 6) to 12-14 ms, and ``benchmarks/fadvi_vs_fadvi.py``
       measures 0.33-0.41 of ``fadvi``'s CPU time per epoch with gradient reversal and
-      0.35-0.40 alternating (seeds 0-2, two series; 0.43-0.50 before), accuracies unchanged
+      0.35-0.44 alternating (seeds 0-2, three series; 0.43-0.50 before), accuracies unchanged
       within seed noise. What remains is about 5.5 ms of matrix products near the core's
       peak, 1 ms of ZINB transcendentals, 0.5-0.9 ms Adam and ~3-4 ms of Python and small torch
       operations around the C passes (with Lightning's loop and the dropout draws). Measured
