@@ -83,24 +83,20 @@ int zinb_forward(int64_t n, int64_t g, const float *x, const float *mu, const fl
     /* scratch for the non-zero entries of one row: positions and gathered inputs/outputs */
     int64_t *pos = malloc((size_t)g * sizeof(int64_t));
     float *buf = malloc((size_t)g * 9 * sizeof(float));
-    /* per gene (theta per gene) or per row: lgamma(theta), digamma(theta); and per gathered
-     * entry the sum of the terms that do not depend on the count's lgamma(x + theta) */
-    double *lgt_g = malloc((size_t)g * sizeof(double)), *dgt_g = malloc((size_t)g * sizeof(double));
-    double *clgt = malloc((size_t)g * sizeof(double)), *cdgt = malloc((size_t)g * sizeof(double));
-    double *clx = malloc((size_t)g * sizeof(double)); /* lgamma(x + 1) of the gathered counts */
+    /* lgamma/digamma of theta per gene (lgt_g, dgt_g) and of the gathered entries' theta
+     * (clgt, cdgt), and lgamma(x + 1) of the gathered counts (clx) */
+    double *dbuf = malloc((size_t)g * 5 * sizeof(double));
     if (!log_factorial_ready) fill_log_factorial();
-    if (!pos || !buf || !lgt_g || !dgt_g || !clgt || !cdgt || !clx) {
-        free(clx);
+    if (!pos || !buf || !dbuf) {
         free(pos);
         free(buf);
-        free(lgt_g);
-        free(dgt_g);
-        free(clgt);
-        free(cdgt);
+        free(dbuf);
         return -1;
     }
     float *cx = buf, *cth = buf + g, *cm = buf + 2 * g, *cz = buf + 3 * g;
     float *odz = buf + 4 * g, *odm = buf + 5 * g, *odt = buf + 6 * g;
+    double *lgt_g = dbuf, *dgt_g = dbuf + g, *clgt = dbuf + 2 * g, *cdgt = dbuf + 3 * g;
+    double *clx = dbuf + 4 * g;
     float *ite_g = buf + 7 * g, *c_g = buf + 8 * g; /* 1 / (theta + eps), theta / (theta + eps) */
     for (int64_t i = 0; i < n; ++i) {
         const float *xr = x + i * g, *mr = mu + i * g, *zr = zi + i * g;
@@ -193,11 +189,7 @@ int zinb_forward(int64_t n, int64_t g, const float *x, const float *mu, const fl
     }
     free(pos);
     free(buf);
-    free(lgt_g);
-    free(dgt_g);
-    free(clgt);
-    free(cdgt);
-    free(clx);
+    free(dbuf);
     return 0;
 }
 
