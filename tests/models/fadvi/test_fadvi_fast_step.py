@@ -204,3 +204,27 @@ def test_fast_step_is_deterministic_for_a_seed():
     assert torch.equal(runs[0][0], runs[1][0])
     for name, g in runs[0][1].items():
         assert (g is None and runs[1][1][name] is None) or torch.equal(g, runs[1][1][name])
+
+
+def test_cached_c_arguments_follow_a_parameter_moved_to_new_storage():
+    """The step caches pointers to the weights; a parameter given new storage (``.data =``)
+    must be picked up, not read from the freed old memory."""
+    module, batch = _module_and_batch()
+    step = FastTrainingStep(module)
+    torch.manual_seed(1)
+    step(batch, kl_weight=1.0)  # fills the cache
+    with torch.no_grad():
+        for w in (module.heads.weights[0], module.encoder_l.encoder.fc_layers[0][0].weight):
+            w.data = w.data.clone() * 1.5
+    for p in module.parameters():
+        p.grad = None
+    torch.manual_seed(2)
+    out, backward = step(batch, kl_weight=1.0)
+    backward()
+    fast = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    torch.manual_seed(2)
+    ref, ref_g = _autograd_grads(module, batch, "reversal", 1.0)
+    torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=1e-5, atol=1e-5)
+    for name, r in ref_g.items():
+        if r is not None:
+            assert float((fast[name] - r).abs().max()) <= 1e-5 * float(r.abs().max()) + 1e-7

@@ -39,11 +39,18 @@ def correlation_penalty_of(z_nk: torch.Tensor, widths: Sequence[int], eps: float
     ``zc / (sqrt(n) (std + eps))`` with ``std = |zc| / sqrt(n)`` is ``zc / (|zc| + sqrt(n) eps)``,
     whose cross-product is the correlation matrix (one norm instead of square, mean and root).
     """
-    n = z_nk.shape[0]
-    zc = z_nk - z_nk.mean(0, keepdim=True)
-    s_nk = zc / (torch.linalg.vector_norm(zc, dim=0, keepdim=True) + eps * math.sqrt(n))
+    _, _, _, s_nk = _standardised(z_nk, eps)
     corr_kk = s_nk.T @ s_nk
     return torch.dot(corr_kk.square().reshape(-1), _half_off_blocks(widths, z_nk).reshape(-1))
+
+
+def _standardised(z_nk: torch.Tensor, eps: float):
+    """``(zc, r, r + sqrt(n) eps, s)``: the centred columns, their norms, the denominator and
+    ``s = zc / (r + sqrt(n) eps)``, whose cross-product is the correlation matrix."""
+    zc = z_nk - z_nk.mean(0, keepdim=True)
+    r_k = torch.linalg.vector_norm(zc, dim=0, keepdim=True)
+    denom = r_k + eps * math.sqrt(z_nk.shape[0])
+    return zc, r_k, denom, zc / denom
 
 
 def correlation_penalty_and_grad(z_nk: torch.Tensor, widths: Sequence[int], eps: float = 1e-6
@@ -57,11 +64,7 @@ def correlation_penalty_and_grad(z_nk: torch.Tensor, widths: Sequence[int], eps:
     ``dP/dz = dP/dzc - mean(dP/dzc)``. A constant column (``r = 0``) gets gradient 0, as
     autograd's subgradient of the norm gives.
     """
-    n = z_nk.shape[0]
-    zc = z_nk - z_nk.mean(0, keepdim=True)
-    r_k = torch.linalg.vector_norm(zc, dim=0, keepdim=True)
-    denom = r_k + eps * math.sqrt(n)
-    s_nk = zc / denom
+    zc, r_k, denom, s_nk = _standardised(z_nk, eps)
     corr_kk = s_nk.T @ s_nk
     mc_kk = _half_off_blocks(widths, z_nk) * corr_kk
     value = torch.dot(corr_kk.reshape(-1), mc_kk.reshape(-1))

@@ -183,14 +183,18 @@ class FastTrainingStep:
         key = "heads" if heads is self.m.heads else "adversaries"
         return Heads(heads, self._site(key), inputs, target_gn, weight_gn, heads.n_classes_g)
 
-    def _site(self, key: str) -> Site:
-        """The cached :class:`Site` of ``"encoders"``, ``"heads"`` or ``"adversaries"``,
-        rebuilt when a parameter's storage changed (``.to()``, a new ``.data``; optimisers and
-        ``load_state_dict`` update in place)."""
+    def _check_storage(self) -> None:
+        """Drop the cached C arguments when a parameter's storage changed (``.to()``, a new
+        ``.data``; optimisers and ``load_state_dict`` update in place)."""
         storage = tuple(p.data_ptr() for p in self._params)
         if storage != self._storage:
             self._sites.clear()
             self._storage = storage
+
+    def _site(self, key: str) -> Site:
+        """The cached :class:`Site` of ``"encoders"``, ``"heads"`` or ``"adversaries"``,
+        rebuilt when a parameter's storage changed (checked once a step by
+        :meth:`_check_storage`)."""
         site = self._sites.get(key)
         if site is None:
             if key == "encoders":
@@ -234,6 +238,7 @@ class FastTrainingStep:
 
     def _step(self, tensors, kl_weight, adversarial, adversary_step):
         m = self.m
+        self._check_storage()
         x = tensors[K.X_KEY]
         n = x.shape[0]
         x = x.contiguous()
@@ -241,9 +246,8 @@ class FastTrainingStep:
         enc = self._encode(x_in)
         loc, z, kl_nk = enc["loc"], enc["z"], enc["kl"]
         targets = m._targets(tensors)
-        loc_d = loc.detach()
         if adversary_step is not None and m.adversaries is not None:
-            adversary_step(lambda: self.adversary_update(loc_d, targets))
+            adversary_step(lambda: self.adversary_update(loc, targets))
         # decoder and likelihood (one C pass)
         dec = Decoder(m, z, tensors[K.BATCH_KEY], x)
         ll_n = dec.ll
