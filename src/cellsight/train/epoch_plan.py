@@ -6,7 +6,8 @@ CPU that is a large share of a step. This plan sums the ELBO terms of each minib
 tensor and publishes the epoch means once per epoch (reduced across DDP ranks), with the same
 names and values as scvi-tools' ``ElboMetric`` (``elbo_train``, ``reconstruction_loss_train``,
 ``kl_local_train``, ``kl_global_train``, ``train_loss`` and the ``_validation`` ones), and uses
-the fused Adam/AdamW kernel (same update rule).
+Adam/AdamW stepped by one C call over all parameters (:mod:`cellsight.train.native_adam`;
+same update rule).
 
 The epoch means go straight into ``trainer.callback_metrics`` (what early stopping, LR
 schedulers and cellsight's history callback read) and to the trainer's loggers, instead of
@@ -22,6 +23,7 @@ import math
 import torch
 from scvi.module.base import LossOutput
 
+from cellsight.train.native_adam import NativeAdam
 from cellsight.train.plan import TrainingPlan
 
 __all__ = ["EpochMetricsTrainingPlan"]
@@ -40,13 +42,16 @@ class EpochMetricsTrainingPlan(TrainingPlan):
 
     # ------------------------------------------------------------------ optimiser
     def get_optimizer_creator(self):
-        """Adam/AdamW with the fused kernel (scvi-tools' ``lr``, ``eps``, ``weight_decay``)."""
+        """Adam/AdamW (scvi-tools' ``lr``, ``eps``, ``weight_decay``) stepped by one C call
+        (:class:`~cellsight.train.native_adam.NativeAdam`; torch's fused kernel without the
+        native kernels)."""
         if self.optimizer_name not in ("Adam", "AdamW"):
             return super().get_optimizer_creator()
-        cls = torch.optim.Adam if self.optimizer_name == "Adam" else torch.optim.AdamW
+        decoupled = self.optimizer_name == "AdamW"
 
         def create(params):
-            return cls(params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay, fused=True)
+            return NativeAdam(params, lr=self.lr, eps=self.eps, weight_decay=self.weight_decay,
+                              decoupled_weight_decay=decoupled, fused=True)
 
         return create
 
