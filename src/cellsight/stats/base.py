@@ -25,6 +25,7 @@ from torch import distributed as dist
 
 from cellsight.data.sparse import csr_with_values, is_csr
 from cellsight.stats.transforms import apply_transforms, bind_transforms
+from cellsight.train.native_adam import NativeAdam
 
 __all__ = [
     "StreamingModel",
@@ -274,7 +275,7 @@ class StatisticPlan(pl.LightningModule):
     def configure_optimizers(self):
         if not self.model.is_trainable:
             return None
-        opt = torch.optim.Adam(self.model.parameters(), lr=self.lr)
+        opt = NativeAdam(self.model.parameters(), lr=self.lr)
         if self.lr_schedule == "constant":
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches))

@@ -12,7 +12,7 @@ from scvi import REGISTRY_KEYS as K
 
 from cellsight.data.datamodule import AnnDataModule
 from cellsight.data.shards import is_sharded
-from cellsight.train import fit
+from cellsight.train import NativeAdam, fit
 
 __all__ = ["de_prior", "fit_attention_prior", "PriorPlan"]
 
@@ -80,7 +80,7 @@ class PriorPlan(pl.LightningModule):
     def configure_optimizers(self):
         m = self.module
         params = [m.gate_logit_g] + ([] if m.attention is None else list(m.attention.parameters()))
-        return torch.optim.Adam(params, lr=self.lr)
+        return NativeAdam(params, lr=self.lr)
 
 
 def fit_attention_prior(model, prior_probs, *, max_epochs, lr, batch_size, use_gpu,
