@@ -139,6 +139,13 @@ core's peak, 1 ms of ZINB transcendentals, 0.5-0.9 ms Adam and about 3 ms of fix
 step (Python around the C passes, Lightning's loop, the dropout draws), measured at batch 8
 (4.0 ms a step against 12-14 ms at batch 128).
 
+Session 8 (:class:`~cellsight.train.native_adam.NativeAdam`, the Adam step as one C call;
+idle machine, seeds 0 / 1 / 2, reversal / alternating): CPU ratios 0.35 / 0.36, 0.33 / 0.36,
+0.35 / 0.39 (fadvi 0.232, 0.232, 0.227 s/epoch), against 0.35 / 0.37 for seed 0 just before
+the change: within the machine's drift. Alternating means: ``predict`` 0.801 (fadvi 0.761),
+kNN from ``z_l`` 0.817 (fadvi 0.794, scVI 0.773), scib total 0.794 (fadvi 0.760); batch from
+``z_l`` 0.43-0.47, from ``z_r`` 0.51-0.54, from ``z_b`` 1.000.
+
 Usage: ``python benchmarks/fadvi_vs_fadvi.py [--epochs 100] [--seed 0]
 [--adversarial alternating|reversal|both] [--skip-peer]``
 """

@@ -1,8 +1,12 @@
 """Adam / AdamW whose step is one C call over all parameters (``csrc/adam.c``).
 
-A small model's optimiser step on CPU is mostly bookkeeping: torch's ``Adam.step`` (even with
-``fused=True``) groups the parameters by device and dtype, checks them and dispatches, about
-0.4-0.6 ms per call for FADVI's ~45 tensors, against ~0.2 ms for the arithmetic itself.
+A small model's optimiser step on CPU carries bookkeeping: torch's ``Adam.step`` (even with
+``fused=True``) groups the parameters by device and dtype, checks them and dispatches on every
+call. For FADVI's 45 tensors (716,607 values) a warm step took 0.56-0.59 ms with torch's fused
+kernel against 0.34-0.58 ms here (the arithmetic itself is memory-bound), and whole FADVI
+epochs outside Lightning 71.8 against 75.8 ms (medians of 6 alternating process pairs, the
+machine's speed drifting by about 10%).
+
 :class:`NativeAdam` is a ``torch.optim.Adam`` (same constructor, same state layout, so
 ``state_dict``/``load_state_dict``, Lightning checkpoints, hooks and LR schedulers work
 unchanged) whose ``step`` runs the update of every parameter that has a gradient in one C call
