@@ -146,6 +146,13 @@ the change: within the machine's drift. Alternating means: ``predict`` 0.801 (fa
 kNN from ``z_l`` 0.817 (fadvi 0.794, scVI 0.773), scib total 0.794 (fadvi 0.760); batch from
 ``z_l`` 0.43-0.47, from ``z_r`` 0.51-0.54, from ``z_b`` 1.000.
 
+Then the dropout words from a counter-based generator in C (:func:`cellsight.nn.dropout.
+dropout_bits`; a new random stream, so each seed's accuracies move by seed noise): CPU ratios
+reversal / alternating 0.34 / 0.36, 0.32 / 0.29, 0.35 / 0.42 (seeds 0-2). Alternating over
+six seeds (0-5), new stream / old stream / fadvi / scVI: kNN from ``z_l`` 0.802 / 0.818 /
+0.783 / 0.779, ``predict`` 0.804 / 0.811 / 0.768; seed 0 of the new stream is the one seed
+below the peer (kNN 0.768 against 0.810, ``predict`` 0.768 against 0.775).
+
 Usage: ``python benchmarks/fadvi_vs_fadvi.py [--epochs 100] [--seed 0]
 [--adversarial alternating|reversal|both] [--skip-peer]``
 """

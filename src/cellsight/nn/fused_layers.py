@@ -12,10 +12,11 @@ Both return what their torch compositions (:func:`ln_relu_dropout_torch`,
 :func:`masked_cross_entropy_torch`) return, to float32 rounding, and use them as the fallback:
 for inputs that are not float32, contiguous and on the CPU, when native kernels are disabled
 (``CELLSIGHT_NATIVE=0``) or cannot be built. The dropout mask is the one of
-:func:`cellsight.nn.dropout.fast_dropout`, drawn from torch's generator by the same call,
-so for the same ``torch.manual_seed`` the fused and torch paths drop the same units. The fused
-backward passes are not differentiable themselves (``once_differentiable``): use the torch
-compositions where second derivatives are needed.
+:func:`cellsight.nn.dropout.fast_dropout`, drawn by the same call
+(:func:`~cellsight.nn.dropout.dropout_bits`), so for the same ``torch.manual_seed`` the fused
+and torch paths drop the same units. The fused backward passes are not differentiable
+themselves (``once_differentiable``): use the torch compositions where second derivatives are
+needed.
 """
 
 from __future__ import annotations

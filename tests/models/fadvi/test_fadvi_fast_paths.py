@@ -98,6 +98,7 @@ def test_grad_scale_multiplies_each_heads_input_gradient():
 
 def test_fast_dropout_mask_is_the_comparison_of_15_bit_uniforms_with_the_threshold():
     from cellsight.models.fadvi.heads import fast_dropout
+    from cellsight.nn.dropout import splitmix_words_torch
 
     x = torch.randn(3, 50, 7)
     for p in (0.1, 0.5, 0.9):
@@ -105,7 +106,8 @@ def test_fast_dropout_mask_is_the_comparison_of_15_bit_uniforms_with_the_thresho
         out = fast_dropout(x, p)
         torch.manual_seed(1)  # the same draw, masked by the plain comparison
         n, threshold = x.numel(), round(p * 2**15)
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_()
+        seed = int(torch.empty((), dtype=torch.int64).random_())  # the generator's seed
+        bits = splitmix_words_torch(seed, (n + 3) // 4)
         u = bits.view(torch.int16)[:n] & (2**15 - 1)
         keep = (u >= threshold).view(x.shape).to(x.dtype)
         assert torch.equal(out, x * (keep * (2**15 / (2**15 - threshold))))

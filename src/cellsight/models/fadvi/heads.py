@@ -10,7 +10,7 @@ call per layer replace the per-head calls, which dominate a small model's step o
 
 Dropout here (and, swapped in by the module, in FADVI's encoders) is
 :func:`cellsight.nn.dropout.fast_dropout` (re-exported here), which cuts four 15-bit uniforms
-out of each 64-bit number of torch's generator.
+out of each random 64-bit word (a counter-based generator seeded from torch's).
 
 FADVI's default layout trains through :mod:`cellsight.models.fadvi.fast_step`, which runs the
 heads' forward and backward as C passes itself; the paths below serve the other layouts,

@@ -93,14 +93,17 @@ class FADVI(PredictionMixin, ExpressionMixin, InterpretMixin, BaseModel):
       as two (:class:`~cellsight.models.fadvi.heads.ParallelClassifiers`), dropout draws a
       cheaper mask (:func:`cellsight.nn.dropout.fast_dropout`) and the ZINB likelihood and the
       hidden layers' LayerNorm/ReLU/dropout are fused kernels. Either way the metrics are
-      published once per epoch, Adam is fused and the validation cells are scored after the
-      last epoch (see :meth:`train`). A step on the bundled PBMC data (one thread, batch 128)
-      fell from 21 ms (autograd, session 6) to 12-14 ms, and ``benchmarks/fadvi_vs_fadvi.py``
-      measures 0.33-0.41 of ``fadvi``'s CPU time per epoch with gradient reversal and
-      0.35-0.44 alternating (seeds 0-2, three series; 0.43-0.50 before), accuracies unchanged
-      within seed noise. What remains is about 5.5 ms of matrix products near the core's
-      peak, 1 ms of ZINB transcendentals, 0.5-0.9 ms Adam and ~3-4 ms of Python and small torch
-      operations around the C passes (with Lightning's loop and the dropout draws). Measured
+      published once per epoch, Adam is one C call
+      (:class:`~cellsight.train.native_adam.NativeAdam`) and the validation cells are scored
+      after the last epoch (see :meth:`train`). A step on the bundled PBMC data (one thread,
+      batch 128) fell from 21 ms (autograd, session 6) to 12-14 ms, and
+      ``benchmarks/fadvi_vs_fadvi.py`` measures 0.33-0.41 of ``fadvi``'s CPU time per epoch
+      with gradient reversal and 0.35-0.44 alternating (seeds 0-2, three series; 0.43-0.50
+      before), accuracies unchanged within seed noise. What remains is about 5.5 ms of matrix
+      products near the core's peak, 1 ms of ZINB transcendentals, 0.5-0.9 ms Adam and ~3-4 ms
+      of Python and small torch operations around the C passes (with Lightning's loop and the
+      dropout draws, since session 8 from a counter-based generator in C: 11 against 59 µs per
+      49k units). Measured
       and not adopted:
       ``torch.compile`` (95-120 s to compile, then slower: 21.8-22.5 against 17.8 ms a
       step), a sparse first layer (at the data's 23% non-zeros the sparse product and its

@@ -6,7 +6,7 @@
  * 2. The masked cross-entropy of G stacked classifier heads, (G, N, C) logits of which head
  *    g uses the first ncls[g] columns (ce_forward, ce_backward).
  *
- * Dropout masks are not drawn here: the caller passes torch's random bits (one 16-bit
+ * Dropout masks are not drawn here: the caller passes dropout_bits' random bits (one 16-bit
  * integer per unit; the top bit is ignored) and the threshold, so that the mask equals that
  * of cellsight.models.fadvi.heads.fast_dropout for the same generator state.
  *
