@@ -118,6 +118,29 @@ def test_fast_step_equals_autograd(layout, mode):
         assert all(p.grad is None for p in module.adversaries.parameters())
 
 
+@pytest.mark.parametrize("native_gemm", [1, 0])
+def test_fast_step_equals_autograd_with_either_product_kernel(native_gemm):
+    """The stacked kernels' own AVX-512 matrix product and the BLAS sgemm give the same
+    gradients (the default layout, alternating optimisation's main pass)."""
+    from cellsight.models.fadvi.fast_kernels import mlp_kernels
+
+    lib = mlp_kernels()
+    if native_gemm and not lib.has_native_gemm():
+        pytest.skip("gemm.c is built only for AVX-512 CPUs")
+    module, batch = _module_and_batch()
+    before = lib.set_native_gemm(int(native.native_gemm_wanted()))
+    try:
+        lib.set_native_gemm(native_gemm)
+        torch.manual_seed(5)
+        ref, ref_g = _autograd_grads(module, batch, "frozen", 1.0)
+        torch.manual_seed(5)
+        out, g = _fast_grads(module, batch, "frozen", 1.0)
+    finally:
+        lib.set_native_gemm(before)
+    torch.testing.assert_close(out.loss, ref.loss.detach(), rtol=1e-5, atol=1e-5)
+    _assert_grads_close(g, ref_g)
+
+
 def test_fast_step_with_a_single_batch():
     module, batch = _module_and_batch(n_batch=1)
     assert module.n_batch == 1 and not module.has_head("head_batch")

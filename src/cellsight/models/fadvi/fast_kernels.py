@@ -2,11 +2,12 @@
 
 Each class runs one block of the network as one C call forward and one backward
 (``csrc/stacked_mlp.c``, built by :mod:`cellsight.nn.native`; the matrix products by the BLAS
-sgemm torch uses): :class:`MLP` the hidden layers of stacked networks (the three encoders, a
-group of classifier heads) described by a :class:`Site`, :class:`Heads` a
-:class:`~cellsight.models.fadvi.heads.ParallelClassifiers` with its masked cross-entropy, and
-:class:`Decoder` scVI's decoder with the ZINB likelihood. Arguments passed to C are kept
-referenced until each call returns.
+sgemm torch uses or, on AMD CPUs with AVX-512, by ``csrc/gemm.c``, see
+:func:`~cellsight.nn.native.native_gemm_wanted`): :class:`MLP` the hidden layers of stacked
+networks (the three encoders, a group of classifier heads) described by a :class:`Site`,
+:class:`Heads` a :class:`~cellsight.models.fadvi.heads.ParallelClassifiers` with its masked
+cross-entropy, and :class:`Decoder` scVI's decoder with the ZINB likelihood. Arguments passed
+to C are kept referenced until each call returns.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 _PP = ctypes.POINTER(ctypes.c_void_p)
+_INT = ctypes.c_int
 _SIGNATURES = {
+    "set_native_gemm": (_INT, [_INT]),
+    "has_native_gemm": (_INT, []),
+    "gemm_for_tests": (None, [_INT] * 5 + [_F32, _P, _INT, _P, _INT, _F32, _P, _INT]),
     "mlp_forward": (None, [_I64, _I64, _I64, _P, _PP, _PP, _PP, _I32, _PP, _I32, _F32, _F32,
                            _I32, _PP, _PP, _PP, _P]),
     "mlp_backward": (None, [_I64, _I64, _I64, _P, _PP, _PP, _I32, _PP, _PP, _PP, _F32, _I32,
@@ -56,7 +61,8 @@ _SIGNATURES = {
 
 
 def mlp_kernels() -> ctypes.CDLL | None:
-    """``csrc/stacked_mlp.c`` with its signatures set and torch's sgemm bound, or ``None``."""
+    """``csrc/stacked_mlp.c`` with its signatures set, torch's sgemm bound and its matrix
+    product kernel chosen (:func:`cellsight.nn.native.native_gemm_wanted`), or ``None``."""
     lib = native.library("stacked_mlp")
     if lib is None or native.blas_sgemm() is None:
         return None
@@ -65,6 +71,7 @@ def mlp_kernels() -> ctypes.CDLL | None:
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = restype, argtypes
         lib.set_sgemm(ctypes.c_void_p(native.blas_sgemm()))
+        lib.set_native_gemm(int(native.native_gemm_wanted()))
         lib._cellsight_ready = True
     return lib
 

@@ -8,7 +8,9 @@ C calls (:mod:`cellsight.models.fadvi.fast_kernels`, compiled by :mod:`cellsight
 and a few torch operations, and records nothing for autograd: the encoders' hidden layers,
 their Gaussian heads with the posterior sample and KL, the decoder with the ZINB likelihood,
 and each group of classifier heads with its masked cross-entropy are one C pass forward and
-one backward each (their matrix products by the BLAS sgemm torch uses); the correlation
+one backward each (their matrix products by the BLAS sgemm torch uses, or by
+``csrc/gemm.c`` where that is faster, :func:`cellsight.nn.native.native_gemm_wanted`); the
+correlation
 penalty's gradient is written out in torch
 (:func:`~cellsight.models.fadvi.correlation.correlation_penalty_and_grad`).
 

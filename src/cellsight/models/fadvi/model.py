@@ -86,7 +86,9 @@ class FADVI(PredictionMixin, ExpressionMixin, InterpretMixin, BaseModel):
       gradient are computed without autograd, the encoders, the Gaussian heads with the
       posterior sample and KL, the decoder with the ZINB likelihood, and each group of
       classifier heads as one C pass forward and one backward (:mod:`cellsight.nn.native`;
-      the matrix products by the sgemm torch uses). For the same seed it gives autograd's loss
+      the matrix products by the sgemm torch uses, or on AMD CPUs with AVX-512, where MKL
+      runs its AVX2 code, by cellsight's own kernel,
+      :func:`~cellsight.nn.native.native_gemm_wanted`). For the same seed it gives autograd's loss
       and gradients to float32 rounding (tests, parameter by parameter, over eight layouts);
       other layouts, ``plan_kwargs={"fast_step": False}`` and machines without a C compiler
       train through autograd, where the three encoders run as one batched pass, the six heads

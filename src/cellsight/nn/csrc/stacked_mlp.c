@@ -3,7 +3,8 @@
  * encoders. Each network g has L hidden layers Linear -> [LayerNorm] -> ReLU -> [dropout]
  * (the fused tail of dense.c) and, for the heads, a Linear output scored by the masked
  * cross-entropy of dense.c. The matrix products call the BLAS sgemm that torch itself uses
- * (MKL's, whose address the caller passes to set_sgemm once), so that a pass is one foreign
+ * (MKL's, whose address the caller passes to set_sgemm once) or gemm.c's AVX-512 kernel
+ * (set_native_gemm; faster where MKL runs its AVX2 code), so that a pass is one foreign
  * call instead of some twenty torch operations, each with its own dispatch and allocation.
  *
  * Layouts (row-major, float32): inputs (n, k) per network; weights (in, out) as stored by
@@ -25,11 +26,35 @@ void set_sgemm(void *fn) { sgemm_ptr = (sgemm_fn)fn; }
 
 int has_sgemm(void) { return sgemm_ptr != NULL; }
 
+#include "gemm.c"
+
+/* 1: the products use gemm.c's kernel (when built with AVX-512), 0: the BLAS sgemm */
+static int use_native_gemm = 0;
+
+/* Chooses the products' kernel (see use_native_gemm); returns the choice in effect. */
+int set_native_gemm(int on) {
+    use_native_gemm = on && SG_NATIVE_GEMM;
+    return use_native_gemm;
+}
+
+/* Whether gemm.c's kernel was built (the compiler targets AVX-512). */
+int has_native_gemm(void) { return SG_NATIVE_GEMM; }
+
 /* Row-major C (m x n) = alpha op(A) op(B) + beta C, op(X) = X or X^T (ta, tb). */
 static void gemm(int ta, int tb, int m, int n, int k, float alpha, const float *A, int lda,
                  const float *B, int ldb, float beta, float *C, int ldc) {
+#if SG_NATIVE_GEMM
+    if (use_native_gemm && sg_gemm(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc) == 0)
+        return;
+#endif
     const char a = tb ? 'T' : 'N', b = ta ? 'T' : 'N';
     sgemm_ptr(&a, &b, &n, &m, &k, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+/* gemm as used by the kernels, exported for the tests */
+void gemm_for_tests(int ta, int tb, int m, int n, int k, float alpha, const float *A, int lda,
+                    const float *B, int ldb, float beta, float *C, int ldc) {
+    gemm(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 /* out (n, w) rows = bias (w) */

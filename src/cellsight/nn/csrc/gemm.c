@@ -1,0 +1,156 @@
+/* A single-precision matrix product for AVX-512 CPUs on which the BLAS torch links runs its
+ * AVX2 path (cellsight.nn.native, the stacked kernels' gemm).
+ *
+ * torch's x86 wheels carry MKL, which chooses its code path by CPU vendor: on AMD processors
+ * with AVX-512 (Zen 4, Zen 5) it runs its AVX2 kernels, half the width of the hardware's
+ * vector units (measured on a Zen 5 core: 88 GFLOPS for FADVI's 128 x 765 x 128 products).
+ * This is the classic packed design (Goto and van de Geijn 2008): op(B) is copied, a block of
+ * KC of its rows at a time, into panels of NR = 32 columns, op(A) into panels of MR = 14 rows,
+ * and a micro-kernel accumulates a 14 x 32 tile of C in 28 vector registers with two fused
+ * multiply-adds per element of A, the panels streaming from L1/L2. Edges are zero-padded in
+ * the panels and stored through a scratch tile. Row-major throughout:
+ *   C (m, n) = alpha op(A) op(B) + beta C,  op(X) = X or X^T (ta, tb), beta = 0: C not read.
+ * Without AVX-512 (SG_NATIVE_GEMM 0) the caller keeps the BLAS sgemm.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define SG_NATIVE_GEMM 1
+#define SG_MR 14
+#define SG_NR 32
+#define SG_KC 256
+
+typedef float sg_v16 __attribute__((vector_size(64), aligned(64)));
+typedef float sg_v16u __attribute__((vector_size(64), aligned(4), may_alias));
+
+/* packing buffers, grown on demand (one set per thread) */
+static _Thread_local float *sg_bbuf = NULL, *sg_abuf = NULL;
+static _Thread_local size_t sg_bcap = 0, sg_acap = 0;
+
+static float *sg_reserve(float **buf, size_t *cap, size_t n) {
+    if (n > *cap) {
+        free(*buf);
+        *buf = aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64);
+        *cap = *buf ? n : 0;
+    }
+    return *buf;
+}
+
+/* op(B)[p0 .. p0 + kc, 0 .. n) into panels Bp[jp][p][NR] (columns past n zero) */
+static void sg_pack_b(int tb, const float *B, int ldb, int p0, int kc, int n, float *Bp) {
+    const int panels = (n + SG_NR - 1) / SG_NR;
+    for (int jp = 0; jp < panels; ++jp) {
+        float *dst = Bp + (size_t)jp * kc * SG_NR;
+        const int j0 = jp * SG_NR, w = n - j0 < SG_NR ? n - j0 : SG_NR;
+        if (!tb) {
+            for (int p = 0; p < kc; ++p) {
+                const float *src = B + (size_t)(p0 + p) * ldb + j0;
+                float *d = dst + p * SG_NR;
+                memcpy(d, src, (size_t)w * sizeof(float));
+                for (int c = w; c < SG_NR; ++c) d[c] = 0.0f;
+            }
+        } else {
+            for (int c = 0; c < w; ++c) {
+                const float *src = B + (size_t)(j0 + c) * ldb + p0;
+                for (int p = 0; p < kc; ++p) dst[p * SG_NR + c] = src[p];
+            }
+            for (int c = w; c < SG_NR; ++c)
+                for (int p = 0; p < kc; ++p) dst[p * SG_NR + c] = 0.0f;
+        }
+    }
+}
+
+/* op(A)[i0 .. i0 + mr, p0 .. p0 + kc) into Ap[p][MR] (rows past mr zero) */
+static void sg_pack_a(int ta, const float *A, int lda, int i0, int mr, int p0, int kc,
+                      float *Ap) {
+    if (!ta) {
+        for (int i = 0; i < mr; ++i) {
+            const float *src = A + (size_t)(i0 + i) * lda + p0;
+            for (int p = 0; p < kc; ++p) Ap[p * SG_MR + i] = src[p];
+        }
+    } else {
+        for (int p = 0; p < kc; ++p) {
+            const float *src = A + (size_t)(p0 + p) * lda + i0;
+            for (int i = 0; i < mr; ++i) Ap[p * SG_MR + i] = src[i];
+        }
+    }
+    for (int i = mr; i < SG_MR; ++i)
+        for (int p = 0; p < kc; ++p) Ap[p * SG_MR + i] = 0.0f;
+}
+
+/* tile (mr, nr) of C = alpha Ap Bp + beta C */
+static void sg_kernel(int kc, const float *restrict Ap, const float *restrict Bp, float alpha,
+                      float beta, float *C, int ldc, int mr, int nr) {
+    sg_v16 c0[SG_MR], c1[SG_MR];
+    for (int i = 0; i < SG_MR; ++i) c0[i] = c1[i] = (sg_v16){0};
+    for (int p = 0; p < kc; ++p) {
+        const sg_v16 b0 = *(const sg_v16 *)(Bp + p * SG_NR);
+        const sg_v16 b1 = *(const sg_v16 *)(Bp + p * SG_NR + 16);
+        const float *a = Ap + p * SG_MR;
+        for (int i = 0; i < SG_MR; ++i) {
+            c0[i] += a[i] * b0;
+            c1[i] += a[i] * b1;
+        }
+    }
+    if (mr == SG_MR && nr == SG_NR) {
+        for (int i = 0; i < SG_MR; ++i) {
+            sg_v16u *row = (sg_v16u *)(C + (size_t)i * ldc);
+            if (beta == 0.0f) {
+                row[0] = alpha * c0[i];
+                row[1] = alpha * c1[i];
+            } else {
+                row[0] = alpha * c0[i] + beta * row[0];
+                row[1] = alpha * c1[i] + beta * row[1];
+            }
+        }
+        return;
+    }
+    float tile[SG_MR][SG_NR] __attribute__((aligned(64)));
+    for (int i = 0; i < SG_MR; ++i) {
+        *(sg_v16 *)&tile[i][0] = c0[i];
+        *(sg_v16 *)&tile[i][16] = c1[i];
+    }
+    for (int i = 0; i < mr; ++i) {
+        float *row = C + (size_t)i * ldc;
+        for (int j = 0; j < nr; ++j)
+            row[j] = beta == 0.0f ? alpha * tile[i][j] : alpha * tile[i][j] + beta * row[j];
+    }
+}
+
+/* Row-major C (m, n) = alpha op(A) op(B) + beta C; op(A) (m, k), op(B) (k, n); lda, ldb, ldc
+ * the row strides of A, B, C as stored. Returns 0, or -1 if the packing memory could not be
+ * allocated (nothing written). */
+static int sg_gemm(int ta, int tb, int m, int n, int k, float alpha, const float *A, int lda,
+                   const float *B, int ldb, float beta, float *C, int ldc) {
+    if (m <= 0 || n <= 0) return 0;
+    if (k <= 0) {
+        for (int i = 0; i < m; ++i)
+            for (int j = 0; j < n; ++j) C[(size_t)i * ldc + j] *= beta;
+        return 0;
+    }
+    const int panels = (n + SG_NR - 1) / SG_NR;
+    const int kc_max = k < SG_KC ? k : SG_KC;
+    float *Bp = sg_reserve(&sg_bbuf, &sg_bcap, (size_t)panels * kc_max * SG_NR);
+    float *Ap = sg_reserve(&sg_abuf, &sg_acap, (size_t)SG_MR * kc_max);
+    if (!Bp || !Ap) return -1;
+    for (int p0 = 0; p0 < k; p0 += SG_KC) {
+        const int kc = k - p0 < SG_KC ? k - p0 : SG_KC;
+        const float b = p0 == 0 ? beta : 1.0f;
+        sg_pack_b(tb, B, ldb, p0, kc, n, Bp);
+        for (int i0 = 0; i0 < m; i0 += SG_MR) {
+            const int mr = m - i0 < SG_MR ? m - i0 : SG_MR;
+            sg_pack_a(ta, A, lda, i0, mr, p0, kc, Ap);
+            for (int jp = 0; jp < panels; ++jp) {
+                const int j0 = jp * SG_NR, nr = n - j0 < SG_NR ? n - j0 : SG_NR;
+                sg_kernel(kc, Ap, Bp + (size_t)jp * kc * SG_NR, alpha, b,
+                          C + (size_t)i0 * ldc + j0, ldc, mr, nr);
+            }
+        }
+    }
+    return 0;
+}
+#else
+#define SG_NATIVE_GEMM 0
+#endif
