@@ -145,3 +145,17 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
     with pytest.warns(RuntimeWarning, match="no C compiler"):
         assert native.library("zinb") is None
     assert native.library("zinb") is None  # cached, no second warning
+
+
+def test_signatures_are_set_by_the_first_caller_that_passes_them(monkeypatch):
+    if native.library("random_bits") is None:
+        pytest.skip("native kernels unavailable")
+    monkeypatch.setattr(native, "_LIBS", {})
+    calls = []
+    lib = native.library("random_bits")  # loaded without signatures (e.g. a skip check)
+    assert lib.splitmix_words.argtypes is None
+    sig = {"splitmix_words": (None, [ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p])}
+    assert native.library("random_bits", sig, init=calls.append) is lib
+    assert lib.splitmix_words.argtypes == sig["splitmix_words"][1] and calls == [lib]
+    native.library("random_bits", sig, init=calls.append)
+    assert calls == [lib]  # once

@@ -60,11 +60,8 @@ def splitmix_words_torch(seed: int, n: int, device: torch.device | str = "cpu") 
 
 
 def _words_kernel():
-    lib = native.library("random_bits")
-    if lib is not None and lib.splitmix_words.argtypes is None:
-        lib.splitmix_words.restype = None
-        lib.splitmix_words.argtypes = [ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p]
-    return lib
+    return native.library("random_bits", {
+        "splitmix_words": (None, [ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p])})
 
 
 def dropout_bits(n: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -49,12 +49,7 @@ _SIGNATURES = {
 
 def _dense() -> ctypes.CDLL | None:
     """The ``dense`` kernel library with its functions' signatures set, or ``None``."""
-    lib = native.library("dense")
-    if lib is not None and lib.lrd_forward.argtypes is None:
-        for name, (restype, argtypes) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = restype, argtypes
-    return lib
+    return native.library("dense", _SIGNATURES)
 
 
 # --------------------------------------------------------------------------- hidden-layer tail

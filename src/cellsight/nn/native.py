@@ -34,7 +34,9 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -150,27 +152,46 @@ def _build(name: str) -> Path:
     return out
 
 
-def library(name: str) -> ctypes.CDLL | None:
+Signatures = dict[str, tuple[Any, list[Any]]]
+
+
+def library(name: str, signatures: Signatures | None = None,
+            init: Callable[[ctypes.CDLL], None] | None = None) -> ctypes.CDLL | None:
     """The compiled kernel library ``csrc/{name}.c`` (built on first use), or ``None`` when
-    native kernels are disabled or it cannot be built (warned once per process)."""
+    native kernels are disabled or it cannot be built (warned once per process).
+
+    ``signatures`` (``{function: (restype, argtypes)}``) are set and ``init(lib)`` is called
+    the first time a caller passes them, so the module that binds a library declares its
+    functions in one place whoever loads it first.
+    """
     if not enabled():
         return None
-    if name in _LIBS:
-        return _LIBS[name]
+    if name not in _LIBS:
+        _LIBS[name] = _load(name)
+    lib = _LIBS[name]
+    if lib is not None and (signatures or init) and not getattr(lib, "_cellsight_bound", False):
+        for fn_name, (restype, argtypes) in (signatures or {}).items():
+            fn = getattr(lib, fn_name)
+            fn.restype, fn.argtypes = restype, argtypes
+        if init is not None:
+            init(lib)
+        lib._cellsight_bound = True
+    return lib
+
+
+def _load(name: str) -> ctypes.CDLL | None:
     try:
-        lib: ctypes.CDLL | None = ctypes.CDLL(str(_build(name)))
+        return ctypes.CDLL(str(_build(name)))
     except (OSError, RuntimeError) as err:
-        lib = None
         if not _WARNED:  # one warning per process, not one per library
             _WARNED.add(name)
             warnings.warn(
                 f"cellsight's native {name!r} kernels could not be built ({err}); using the "
                 "torch implementation (same results, slower). Install a C compiler (gcc) to "
                 "enable them, or set CELLSIGHT_NATIVE=0 to silence this.",
-                RuntimeWarning, stacklevel=2,
+                RuntimeWarning, stacklevel=3,
             )
-    _LIBS[name] = lib
-    return lib
+        return None
 
 
 def blas_sgemm() -> int | None:

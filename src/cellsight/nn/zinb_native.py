@@ -32,15 +32,14 @@ __all__ = ["NativeZINBLogLikelihood", "zinb_native_usable"]
 _I64, _P = ctypes.c_int64, ctypes.c_void_p
 
 
+_SIGNATURES = {
+    "zinb_forward": (ctypes.c_int, [_I64, _I64, _P, _P, _P, _I64, _P, _P, _P, _P, _P]),
+    "zinb_backward": (None, [_I64, _I64, _P, _P, _P, _P, _I64, _P, _P, _P]),
+}
+
+
 def _kernels():
-    lib = native.library("zinb")
-    if lib is not None and not getattr(lib, "_cellsight_typed", False):
-        lib.zinb_forward.argtypes = [_I64, _I64, _P, _P, _P, _I64, _P, _P, _P, _P, _P]
-        lib.zinb_forward.restype = ctypes.c_int
-        lib.zinb_backward.argtypes = [_I64, _I64, _P, _P, _P, _P, _I64, _P, _P, _P]
-        lib.zinb_backward.restype = None
-        lib._cellsight_typed = True
-    return lib
+    return native.library("zinb", _SIGNATURES)
 
 
 def zinb_native_usable(x_ng, mu_ng, theta, zi_logits_ng) -> bool:

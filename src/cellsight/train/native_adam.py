@@ -30,14 +30,12 @@ _P, _I64, _I32, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c
 _PP = ctypes.POINTER(ctypes.c_void_p)
 
 
+_SIGNATURES = {"adam_step": (None, [_I64, ctypes.POINTER(_I64), _PP, _PP, _PP, _PP, _PP, _F64,
+                                     _F64, _F64, _F64, _F64, _I32, _I32])}
+
+
 def _kernel():
-    lib = native.library("adam")
-    if lib is not None and not getattr(lib, "_cellsight_ready", False):
-        lib.adam_step.restype = None
-        lib.adam_step.argtypes = [_I64, ctypes.POINTER(_I64), _PP, _PP, _PP, _PP, _PP, _F64,
-                                  _F64, _F64, _F64, _F64, _I32, _I32]
-        lib._cellsight_ready = True
-    return lib
+    return native.library("adam", _SIGNATURES)
 
 
 class NativeAdam(torch.optim.Adam):

@@ -60,20 +60,17 @@ _SIGNATURES = {
 }
 
 
+def _bind_products(lib: ctypes.CDLL) -> None:
+    lib.set_sgemm(ctypes.c_void_p(native.blas_sgemm()))
+    lib.set_native_gemm(int(native.native_gemm_wanted()))
+
+
 def mlp_kernels() -> ctypes.CDLL | None:
     """``csrc/stacked_mlp.c`` with its signatures set, torch's sgemm bound and its matrix
     product kernel chosen (:func:`cellsight.nn.native.native_gemm_wanted`), or ``None``."""
-    lib = native.library("stacked_mlp")
-    if lib is None or native.blas_sgemm() is None:
+    if native.blas_sgemm() is None:
         return None
-    if not getattr(lib, "_cellsight_ready", False):
-        for name, (restype, argtypes) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = restype, argtypes
-        lib.set_sgemm(ctypes.c_void_p(native.blas_sgemm()))
-        lib.set_native_gemm(int(native.native_gemm_wanted()))
-        lib._cellsight_ready = True
-    return lib
+    return native.library("stacked_mlp", _SIGNATURES, init=_bind_products)
 
 
 def ptrs(tensors) -> ctypes.Array:
