@@ -38,60 +38,54 @@ static float *sg_reserve(float **buf, size_t *cap, size_t n) {
     return *buf;
 }
 
-/* op(B)[p0 .. p0 + kc, 0 .. n) into panels Bp[jp][p][NR] (columns past n zero) */
-static void sg_pack_b(int tb, const float *B, int ldb, int p0, int kc, int n, float *Bp) {
-    const int panels = (n + SG_NR - 1) / SG_NR;
-    for (int jp = 0; jp < panels; ++jp) {
-        float *dst = Bp + (size_t)jp * kc * SG_NR;
-        const int j0 = jp * SG_NR, w = n - j0 < SG_NR ? n - j0 : SG_NR;
-        if (!tb) {
-            for (int p = 0; p < kc; ++p) {
-                const float *src = B + (size_t)(p0 + p) * ldb + j0;
-                float *d = dst + p * SG_NR;
-                memcpy(d, src, (size_t)w * sizeof(float));
-                for (int c = w; c < SG_NR; ++c) d[c] = 0.0f;
-            }
-        } else {
-            for (int c = 0; c < w; ++c) {
-                const float *src = B + (size_t)(j0 + c) * ldb + p0;
-                for (int p = 0; p < kc; ++p) dst[p * SG_NR + c] = src[p];
-            }
-            for (int c = w; c < SG_NR; ++c)
-                for (int p = 0; p < kc; ++p) dst[p * SG_NR + c] = 0.0f;
+/* op(B)[p0 .. p0 + kc, j0 .. j0 + w) into one panel dst[p][NR] (columns past w zero); with
+ * tb the columns of op(B) are rows of B. */
+static void sg_pack_b(int tb, const float *B, int ldb, int p0, int kc, int j0, int w,
+                      float *dst) {
+    if (!tb) {
+        for (int p = 0; p < kc; ++p) {
+            const float *src = B + (size_t)(p0 + p) * ldb + j0;
+            float *d = dst + p * SG_NR;
+            memcpy(d, src, (size_t)w * sizeof(float));
+            for (int c = w; c < SG_NR; ++c) d[c] = 0.0f;
         }
+        return;
     }
+    for (int c = 0; c < w; ++c) {
+        const float *src = B + (size_t)(j0 + c) * ldb + p0;
+        for (int p = 0; p < kc; ++p) dst[p * SG_NR + c] = src[p];
+    }
+    for (int c = w; c < SG_NR; ++c)
+        for (int p = 0; p < kc; ++p) dst[p * SG_NR + c] = 0.0f;
 }
 
 /* op(A)[i0 .. i0 + mr, p0 .. p0 + kc) into Ap[p][MR] (rows past mr zero) */
 static void sg_pack_a(int ta, const float *A, int lda, int i0, int mr, int p0, int kc,
                       float *Ap) {
-    if (!ta) {
-        for (int i = 0; i < mr; ++i) {
-            const float *src = A + (size_t)(i0 + i) * lda + p0;
-            for (int p = 0; p < kc; ++p) Ap[p * SG_MR + i] = src[p];
-        }
-    } else {
-        for (int p = 0; p < kc; ++p) {
-            const float *src = A + (size_t)(p0 + p) * lda + i0;
-            for (int i = 0; i < mr; ++i) Ap[p * SG_MR + i] = src[i];
-        }
-    }
-    for (int i = mr; i < SG_MR; ++i)
-        for (int p = 0; p < kc; ++p) Ap[p * SG_MR + i] = 0.0f;
+    for (int p = 0; p < kc; ++p)
+        for (int i = 0; i < SG_MR; ++i)
+            Ap[p * SG_MR + i] = i >= mr ? 0.0f
+                                : ta ? A[(size_t)(p0 + p) * lda + i0 + i]
+                                     : A[(size_t)(i0 + i) * lda + p0 + p];
 }
 
-/* tile (mr, nr) of C = alpha Ap Bp + beta C */
-static void sg_kernel(int kc, const float *restrict Ap, const float *restrict Bp, float alpha,
-                      float beta, float *C, int ldc, int mr, int nr) {
+/* tile (mr, nr) of C = alpha op(A) Bp + beta C: element (i, p) of the tile's A at
+ * a[i si + p sp], row p of its B at b + p sb (32 floats). Inlined at each call with the
+ * strides' pattern known (packed A, A^T rows, A rows), so each loop compiles to its own
+ * addressing. */
+static inline __attribute__((always_inline)) void sg_kernel(
+    int kc, const float *restrict a, size_t si, size_t sp, const float *restrict b, size_t sb,
+    float alpha, float beta, float *C, int ldc, int mr, int nr) {
     sg_v16 c0[SG_MR], c1[SG_MR];
     for (int i = 0; i < SG_MR; ++i) c0[i] = c1[i] = (sg_v16){0};
     for (int p = 0; p < kc; ++p) {
-        const sg_v16 b0 = *(const sg_v16 *)(Bp + p * SG_NR);
-        const sg_v16 b1 = *(const sg_v16 *)(Bp + p * SG_NR + 16);
-        const float *a = Ap + p * SG_MR;
+        const sg_v16 b0 = *(const sg_v16u *)(b + p * sb);
+        const sg_v16 b1 = *(const sg_v16u *)(b + p * sb + 16);
+        const float *ap = a + p * sp;
         for (int i = 0; i < SG_MR; ++i) {
-            c0[i] += a[i] * b0;
-            c1[i] += a[i] * b1;
+            const float av = ap[i * si];
+            c0[i] += av * b0;
+            c1[i] += av * b1;
         }
     }
     if (mr == SG_MR && nr == SG_NR) {
@@ -119,8 +113,25 @@ static void sg_kernel(int kc, const float *restrict Ap, const float *restrict Bp
     }
 }
 
+static void sg_kernel_packed(int kc, const float *a, const float *b, size_t sb, float alpha,
+                             float beta, float *C, int ldc, int mr, int nr) {
+    sg_kernel(kc, a, 1, SG_MR, b, sb, alpha, beta, C, ldc, mr, nr);
+}
+
+static void sg_kernel_at(int kc, const float *a, size_t lda, const float *b, size_t sb,
+                         float alpha, float beta, float *C, int ldc) {
+    sg_kernel(kc, a, 1, lda, b, sb, alpha, beta, C, ldc, SG_MR, SG_NR);
+}
+
+static void sg_kernel_an(int kc, const float *a, size_t lda, const float *b, size_t sb,
+                         float alpha, float beta, float *C, int ldc) {
+    sg_kernel(kc, a, lda, 1, b, sb, alpha, beta, C, ldc, SG_MR, SG_NR);
+}
+
 /* Row-major C (m, n) = alpha op(A) op(B) + beta C; op(A) (m, k), op(B) (k, n); lda, ldb, ldc
- * the row strides of A, B, C as stored. Returns 0, or -1 if the packing memory could not be
+ * the row strides of A, B, C as stored. op(B) is packed only where it must be (transposed,
+ * or the last panel narrower than NR), op(A) only for the last block of fewer than MR rows;
+ * full blocks are read in place. Returns 0, or -1 if the packing memory could not be
  * allocated (nothing written). */
 static int sg_gemm(int ta, int tb, int m, int n, int k, float alpha, const float *A, int lda,
                    const float *B, int ldb, float beta, float *C, int ldc) {
@@ -137,15 +148,33 @@ static int sg_gemm(int ta, int tb, int m, int n, int k, float alpha, const float
     if (!Bp || !Ap) return -1;
     for (int p0 = 0; p0 < k; p0 += SG_KC) {
         const int kc = k - p0 < SG_KC ? k - p0 : SG_KC;
-        const float b = p0 == 0 ? beta : 1.0f;
-        sg_pack_b(tb, B, ldb, p0, kc, n, Bp);
+        const float beta_p = p0 == 0 ? beta : 1.0f;
+        for (int jp = 0; jp < panels; ++jp) {
+            const int j0 = jp * SG_NR, w = n - j0 < SG_NR ? n - j0 : SG_NR;
+            if (tb || w < SG_NR) sg_pack_b(tb, B, ldb, p0, kc, j0, w, Bp + (size_t)jp * kc * SG_NR);
+        }
         for (int i0 = 0; i0 < m; i0 += SG_MR) {
             const int mr = m - i0 < SG_MR ? m - i0 : SG_MR;
-            sg_pack_a(ta, A, lda, i0, mr, p0, kc, Ap);
+            if (mr < SG_MR) sg_pack_a(ta, A, lda, i0, mr, p0, kc, Ap);
             for (int jp = 0; jp < panels; ++jp) {
                 const int j0 = jp * SG_NR, nr = n - j0 < SG_NR ? n - j0 : SG_NR;
-                sg_kernel(kc, Ap, Bp + (size_t)jp * kc * SG_NR, alpha, b,
-                          C + (size_t)i0 * ldc + j0, ldc, mr, nr);
+                const int packed_b = tb || nr < SG_NR;
+                const float *b = packed_b ? Bp + (size_t)jp * kc * SG_NR
+                                          : B + (size_t)p0 * ldb + j0;
+                const size_t sb = packed_b ? SG_NR : (size_t)ldb;
+                float *c = C + (size_t)i0 * ldc + j0;
+                if (mr < SG_MR)
+                    sg_kernel_packed(kc, Ap, b, sb, alpha, beta_p, c, ldc, mr, nr);
+                else if (nr < SG_NR)  /* a full block of A, packed for the edge tile's store */
+                    sg_kernel(kc, ta ? A + (size_t)p0 * lda + i0 : A + (size_t)i0 * lda + p0,
+                              ta ? 1 : (size_t)lda, ta ? (size_t)lda : 1, b, sb, alpha, beta_p,
+                              c, ldc, mr, nr);
+                else if (ta)
+                    sg_kernel_at(kc, A + (size_t)p0 * lda + i0, lda, b, sb, alpha, beta_p, c,
+                                 ldc);
+                else
+                    sg_kernel_an(kc, A + (size_t)i0 * lda + p0, lda, b, sb, alpha, beta_p, c,
+                                 ldc);
             }
         }
     }
