@@ -17,6 +17,7 @@
 #include <string.h>
 
 #if defined(__AVX512F__)
+#include <immintrin.h>
 #define SG_NATIVE_GEMM 1
 #define SG_MR 14
 #define SG_NR 32
@@ -38,6 +39,26 @@ static float *sg_reserve(float **buf, size_t *cap, size_t n) {
     return *buf;
 }
 
+/* dst[r][c] = src[c][r] for an 8 x 8 block (row strides ls, ld) */
+static inline void sg_transpose8(const float *src, size_t ls, float *dst, size_t ld) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ls);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(dst + i * ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (i + 4) * ld, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    }
+}
+
 /* op(B)[p0 .. p0 + kc, j0 .. j0 + w) into one panel dst[p][NR] (columns past w zero); with
  * tb the columns of op(B) are rows of B. */
 static void sg_pack_b(int tb, const float *B, int ldb, int p0, int kc, int j0, int w,
@@ -51,12 +72,20 @@ static void sg_pack_b(int tb, const float *B, int ldb, int p0, int kc, int j0, i
         }
         return;
     }
-    for (int c = 0; c < w; ++c) {
+    const int c8 = w & ~7, p8 = kc & ~7;
+    for (int c0 = 0; c0 < c8; c0 += 8) {  /* 8 x 8 blocks transposed in registers */
+        const float *src = B + (size_t)(j0 + c0) * ldb + p0;
+        for (int q = 0; q < p8; q += 8)
+            sg_transpose8(src + q, (size_t)ldb, dst + (size_t)q * SG_NR + c0, SG_NR);
+        for (int q = p8; q < kc; ++q)
+            for (int c = 0; c < 8; ++c) dst[q * SG_NR + c0 + c] = src[(size_t)c * ldb + q];
+    }
+    for (int c = c8; c < w; ++c) {
         const float *src = B + (size_t)(j0 + c) * ldb + p0;
-        for (int p = 0; p < kc; ++p) dst[p * SG_NR + c] = src[p];
+        for (int q = 0; q < kc; ++q) dst[q * SG_NR + c] = src[q];
     }
     for (int c = w; c < SG_NR; ++c)
-        for (int p = 0; p < kc; ++p) dst[p * SG_NR + c] = 0.0f;
+        for (int q = 0; q < kc; ++q) dst[q * SG_NR + c] = 0.0f;
 }
 
 /* op(A)[i0 .. i0 + mr, p0 .. p0 + kc) into Ap[p][MR] (rows past mr zero) */
