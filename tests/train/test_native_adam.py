@@ -154,3 +154,36 @@ def test_training_plans_step_with_native_adam(adversarial):
     assert optimizers and all(type(opt) is NativeAdam for opt in optimizers)
     n_params = sum(len(g["params"]) for opt in optimizers for g in opt.param_groups)
     assert n_params == len(list(module.parameters()))
+
+
+@needs_native
+def test_kept_pointer_arrays_follow_loaded_state_and_moved_parameters():
+    """The arrays kept between steps are rebuilt after ``load_state_dict`` (new state
+    tensors), when a parameter's storage changes and when another set of parameters has
+    gradients; each time the result is torch's."""
+    init = _params()
+    ours, opt = _run(NativeAdam, init, steps=5)       # arrays built and reused
+    ref, ref_opt = _run(torch.optim.Adam, init, steps=5)
+    checkpoint = copy.deepcopy(ref_opt.state_dict())
+    for _ in range(3):                                # ours moves on, then is rolled back
+        for p in ours:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    with torch.no_grad():
+        for a, b in zip(ours, ref):
+            a.copy_(b)
+    opt.load_state_dict(copy.deepcopy(checkpoint))
+    ours[0].data = ours[0].data.clone()               # new storage for one parameter
+    g = torch.Generator().manual_seed(9)
+    for step in range(8):
+        for i, (a, b) in enumerate(zip(ref, ours)):
+            grad = torch.randn(a.shape, generator=g) if (step % 3 or i != 1) else None
+            a.grad, b.grad = grad, None if grad is None else grad.clone()
+        ref_opt.step()
+        opt.step()
+    for a, b in zip(ref, ours):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    for a, b in zip(ref, ours):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(opt.state[b][key], ref_opt.state[a][key], rtol=0,
+                                       atol=1e-6)

@@ -63,38 +63,85 @@ class NativeAdam(torch.optim.Adam):
 
     def _arguments(self, group: dict):
         """The C call's arguments for ``group`` (``None``: no gradients; ``False``: an option
-        or a tensor the C step does not cover). Creates missing state as torch does."""
+        or a tensor the C step does not cover). Creates missing state as torch does.
+
+        The pointer arrays of the parameters and their state are kept between steps (only the
+        gradients' are rebuilt) while the same parameters have gradients, their storage is
+        unchanged and their state is the same tensors (``load_state_dict`` replaces it)."""
         if group["amsgrad"] or group.get("capturable") or group.get("differentiable"):
             return False
         if any(isinstance(v, torch.Tensor) for v in (group["lr"], *group["betas"])):
             return False
-        tensors: list[list[torch.Tensor]] = [[], [], [], [], []]
-        for p in group["params"]:
-            g = p.grad
-            if g is None:
-                continue
-            if not (p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous()
-                    and g.layout == torch.strided and g.dtype == torch.float32
-                    and g.is_contiguous() and g.shape == p.shape):
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return None
+        grads = [p.grad for p in params]
+        for p, g in zip(params, grads):
+            if not (g.layout == torch.strided and g.dtype == torch.float32 and g.is_contiguous()
+                    and g.shape == p.shape):
                 return False
-            state = self.state[p]
+        cache = self.__dict__.setdefault("_native_arrays", {})
+        fixed = cache.get(id(group))
+        if fixed is None or not fixed.matches(params, self.state):
+            fixed = _FixedArrays.build(params, self.state)
+            if fixed is None:
+                return False
+            cache[id(group)] = fixed
+        n = len(params)
+        grad_array = (ctypes.c_void_p * n)(*[g.data_ptr() for g in grads])
+        beta1, beta2 = group["betas"]
+        # the tensors stay referenced by the group and the state until the call returns
+        return (n, fixed.numel, fixed.param, grad_array, fixed.exp_avg, fixed.exp_avg_sq,
+                fixed.step, float(group["lr"]), float(beta1), float(beta2),
+                float(group["eps"]), float(group["weight_decay"]),
+                int(group["decoupled_weight_decay"]), int(group["maximize"]))
+
+
+class _FixedArrays:
+    """The C step's pointer arrays of a list of parameters and their Adam state."""
+
+    def __init__(self, params, states, state_dict):
+        self.params, self.states, self.state_dict = params, states, state_dict
+        self.tensors = [(p, st["step"], st["exp_avg"], st["exp_avg_sq"])
+                        for p, st in zip(params, states)]
+        # every storage address the C step writes to, checked before each reuse
+        self.ptrs = [tuple(t.data_ptr() for t in ts) for ts in self.tensors]
+        n = len(params)
+        self.numel = (ctypes.c_int64 * n)(*[p.numel() for p in params])
+        self.param, self.step, self.exp_avg, self.exp_avg_sq = (
+            (ctypes.c_void_p * n)(*[ptr[i] for ptr in self.ptrs]) for i in range(4))
+
+    @classmethod
+    def build(cls, params, state_dict) -> _FixedArrays | None:
+        """Check the parameters and create missing state as torch does; ``None`` if a tensor
+        is not covered by the C step."""
+        states = []
+        for p in params:
+            if not (p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous()):
+                return None
+            state = state_dict[p]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
             if not (step.dtype == torch.float32 and step.device.type == "cpu"
-                    and m.is_contiguous() and v.is_contiguous()):
+                    and m.is_contiguous() and v.is_contiguous()
+                    and m.shape == p.shape and v.shape == p.shape):
+                return None
+            states.append(state)
+        return cls(params, states, state_dict)
+
+    def matches(self, params, state_dict) -> bool:
+        """Whether these arrays still describe ``params`` and their state."""
+        if state_dict is not self.state_dict or len(params) != len(self.params):
+            return False
+        for p, q, ptr, st, (_, step, m, v) in zip(params, self.params, self.ptrs,
+                                                  self.states, self.tensors):
+            if p is not q or state_dict.get(p) is not st or st.get("step") is not step:
                 return False
-            for ts, t in zip(tensors, (p, g, m, v, step)):
-                ts.append(t)
-        if not tensors[0]:
-            return None
-        n = len(tensors[0])
-        arrays = [(ctypes.c_void_p * n)(*[t.data_ptr() for t in ts]) for ts in tensors]
-        numel = (ctypes.c_int64 * n)(*[p.numel() for p in tensors[0]])
-        beta1, beta2 = group["betas"]
-        # the tensors stay referenced by the group and the state until the call returns
-        return (n, numel, *arrays, float(group["lr"]), float(beta1), float(beta2),
-                float(group["eps"]), float(group["weight_decay"]),
-                int(group["decoupled_weight_decay"]), int(group["maximize"]))
+            if st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v:
+                return False
+            if ptr != (p.data_ptr(), step.data_ptr(), m.data_ptr(), v.data_ptr()):
+                return False
+        return True
