@@ -155,7 +155,8 @@ in kNN on seeds 0 and 2 (0.768 against 0.810, 0.775 against 0.796; seed 0 also b
 0.782) and in ``predict`` on seed 0 (0.768 against 0.775): the goals hold on the means only.
 
 Usage: ``python benchmarks/fadvi_vs_fadvi.py [--epochs 100] [--seed 0]
-[--adversarial alternating|reversal|both] [--skip-peer]``
+[--adversarial alternating|reversal|both] [--skip-peer] [--timing-pairs 3]
+[--pair-epochs 30]``
 """
 
 from __future__ import annotations
@@ -241,7 +242,8 @@ def run_peer(python: str, path: str, epochs: int, seed: int) -> dict | None:
             return {k: data[k] for k in data.files}
 
 
-def train_ours(adata, epochs: int, seed: int, adversarial: str = "alternating") -> dict:
+def train_ours(adata, epochs: int, seed: int, adversarial: str = "alternating",
+               score: bool = True) -> dict:
     from cellsight.models import FADVI
 
     adata = adata.copy()
@@ -249,6 +251,8 @@ def train_ours(adata, epochs: int, seed: int, adversarial: str = "alternating") 
     model = FADVI(adata, seed=seed, adversarial_training=adversarial)
     timer = EpochTimer()
     model.train(max_epochs=epochs, batch_size=128, enable_progress_bar=False, callbacks=[timer])
+    if not score:
+        return {"wall": timer.wall, "cpu": timer.cpu}
     out = {r: model.get_latent_representation(representation=r) for r in ("b", "l", "r")}
     out["pred1"] = np.asarray(model.predict(), dtype=str)
     out["pred2"] = np.asarray(model.predict(), dtype=str)
@@ -288,6 +292,36 @@ def scores(res: dict, adata, hidden) -> dict:
     return out
 
 
+def timing_pairs(adata, args, modes: list[str], python: str, label: str) -> None:
+    """CPU seconds per epoch of ours and the peer in adjacent runs (``--timing-pairs`` pairs
+    of ``--pair-epochs`` epochs, the order swapped from pair to pair), so that the machine's
+    drift, which moves both by 10-40% over minutes on a shared host, cancels in each ratio."""
+    ratios: dict[str, list[float]] = {mode: [] for mode in modes}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "data.h5ad")
+        adata.write_h5ad(path)
+        for i in range(args.timing_pairs):
+            runs = {}
+            for who in (["ours", "peer"] if i % 2 == 0 else ["peer", "ours"]):
+                if who == "peer":
+                    res = run_peer(python, path, args.pair_epochs, args.seed)
+                    if res is None:
+                        return
+                    runs["peer"] = statistics.median(list(res["cpu"])[1:])
+                else:
+                    for mode in modes:
+                        res = train_ours(adata, args.pair_epochs, args.seed, mode, score=False)
+                        runs[mode] = statistics.median(res["cpu"][1:-1])
+            for mode in modes:
+                ratios[mode].append(runs[mode] / runs["peer"])
+    for mode, r in ratios.items():
+        name = "cellsight" if mode == "reversal" else f"cellsight[{mode}]"
+        listed = ", ".join(f"{v:.2f}" for v in r)
+        print(f"fadvi epoch-time ratio in adjacent runs (cpu, {label.rsplit(',', 1)[0]}, "
+              f"{args.pair_epochs} epochs each): {name} {listed}; median "
+              f"{statistics.median(r):.2f} (goal <= {GOAL_RATIO})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=100)
@@ -296,6 +330,9 @@ def main() -> None:
                         default="alternating",
                         help="cellsight's adversarial_training (both: one line per mode)")
     parser.add_argument("--skip-peer", action="store_true", help="do not run the fadvi package")
+    parser.add_argument("--timing-pairs", type=int, default=3,
+                        help="extra timing runs of ours and the peer back to back")
+    parser.add_argument("--pair-epochs", type=int, default=30)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "scvi"):
@@ -354,6 +391,8 @@ def main() -> None:
                  s_peer and s_peer[f"batch_{r}"], goal, who)
         line("agreement of two predict calls (all cells)", s_m["agreement"],
              s_peer and s_peer["agreement"], "goal: 1", who)
+    if peer is not None and args.timing_pairs > 0:
+        timing_pairs(adata, args, modes, python, label)
     print("fadvi scib details: " + json.dumps({
         **{("cellsight" if mode == "reversal" else f"cellsight[{mode}]"): {
             k: round(float(v), 3) for k, v in s_m["scib"].items()} for mode, s_m in s_ours.items()},
