@@ -240,7 +240,8 @@ def test_cached_c_arguments_follow_a_parameter_moved_to_new_storage():
     torch.manual_seed(1)
     step(batch, kl_weight=1.0)  # fills the cache
     with torch.no_grad():
-        for w in (module.heads.weights[0], module.encoder_l.encoder.fc_layers[0][0].weight):
+        for w in (module.heads.weights[0], module.encoder_l.encoder.fc_layers[0][0].weight,
+                  module.decoder.px_scale_decoder[0].weight):
             w.data = w.data.clone() * 1.5
     for p in module.parameters():
         p.grad = None

@@ -223,12 +223,19 @@ class Decoder:
     """scVI's decoder and the ZINB log-likelihood of the counts, forward now and backward on
     request, one C call each (``decoder_zinb_*`` of ``csrc/stacked_mlp.c``)."""
 
-    def __init__(self, m, z: torch.Tensor, batch_n1: torch.Tensor, x: torch.Tensor):
+    @staticmethod
+    def layers(m) -> list[nn.Linear]:
+        """The decoder's Linear layers in the kernel's order (hidden, scale, zero-inflation)."""
+        lins = [layer[0] for layer in m.decoder.px_decoder.fc_layers]
+        return lins + [m.decoder.px_scale_decoder[0], m.decoder.px_dropout_decoder]
+
+    def __init__(self, m, z: torch.Tensor, batch_n1: torch.Tensor, x: torch.Tensor,
+                 site: Site | None = None):
+        """``site``: the layers' cached pointer arrays (:meth:`site`), else built here."""
         self.lib = mlp_kernels()
         px = m.decoder.px_decoder
-        lins = [layer[0] for layer in px.fc_layers]
-        outs = [m.decoder.px_scale_decoder[0], m.decoder.px_dropout_decoder]
-        self.params = lins + outs
+        self.params = self.layers(m)
+        lins = self.params[:-2]
         self.px_r = m.px_r
         n, g = x.shape
         h = lins[0].out_features
@@ -241,15 +248,21 @@ class Decoder:
         self.dmu, self.dzi, self.dth = (x.new_empty(n, g) for _ in range(3))
         self.theta = x.new_empty(g)
         self.ll = x.new_empty(n)
-        self._w = ptrs([p.weight for p in self.params])
+        site = site or self.site(m)
+        self._w = site.w
         self._hs = ptrs(self.hs)
         status = self.lib.decoder_zinb_forward(
             *self.dims, self.z.data_ptr(), self.batch.data_ptr(), x.data_ptr(), self._w,
-            ptrs([p.bias for p in self.params]), m.px_r.data_ptr(), self._hs,
+            site.b, m.px_r.data_ptr(), self._hs,
             self.rho.data_ptr(), self.mu.data_ptr(), self.zi.data_ptr(), self.theta.data_ptr(),
             self.ll.data_ptr(), self.dmu.data_ptr(), self.dzi.data_ptr(), self.dth.data_ptr())
         if status != 0:
             raise MemoryError("the ZINB kernel could not allocate its scratch memory.")
+
+    @classmethod
+    def site(cls, m) -> Site:
+        """The pointer arrays of the decoder's weights and biases (one "network")."""
+        return Site([[(lin.weight, lin.bias)] for lin in cls.layers(m)], 0, True)
 
     def backward(self, grad_n: torch.Tensor) -> torch.Tensor:
         """Accumulate the decoder's and ``px_r``'s gradients for ``d loss / d ll = grad_n``;

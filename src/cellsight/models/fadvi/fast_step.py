@@ -194,12 +194,15 @@ class FastTrainingStep:
             self._storage = storage
 
     def _site(self, key: str) -> Site:
-        """The cached :class:`Site` of ``"encoders"``, ``"heads"`` or ``"adversaries"``,
+        """The cached :class:`Site` of ``"encoders"``, ``"decoder"``, ``"heads"`` or
+        ``"adversaries"``,
         rebuilt when a parameter's storage changed (checked once a step by
         :meth:`_check_storage`)."""
         site = self._sites.get(key)
         if site is None:
-            if key == "encoders":
+            if key == "decoder":
+                site = Decoder.site(self.m)
+            elif key == "encoders":
                 lins = [[layer_parts(layer)[0] for layer in enc.encoder.fc_layers]
                         for enc in self.encs]
                 layers = [[(lins[e][i].weight, lins[e][i].bias) for e in range(3)]
@@ -251,7 +254,7 @@ class FastTrainingStep:
         if adversary_step is not None and m.adversaries is not None:
             adversary_step(lambda: self.adversary_update(loc, targets))
         # decoder and likelihood (one C pass)
-        dec = Decoder(m, z, tensors[K.BATCH_KEY], x)
+        dec = Decoder(m, z, tensors[K.BATCH_KEY], x, self._site("decoder"))
         ll_n = dec.ll
         rec_n = -ll_n
         kl_parts = torch.split(kl_nk, self.widths, dim=-1)
