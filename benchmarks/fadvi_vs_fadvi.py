@@ -34,125 +34,46 @@ does), or ``both``, which trains both and prints their lines
 printed too (cellsight compiles nothing: ``torch.compile`` was measured and not adopted, see
 :class:`cellsight.models.fadvi.FADVI`).
 
-Measured (100 epochs, ``--adversarial both``, 2 cores shared with two other jobs at load 8-15,
-so CPU time per epoch is inflated for both and varies by ~15% from run to run):
+``--timing-pairs`` (default 3) then trains ours and the peer again for ``--pair-epochs`` (30)
+epochs each, back to back, the order swapped from pair to pair, and prints each pair's CPU
+ratio and their median: on this shared host the machine's speed drifts by 10-40% within
+minutes, which moved the ratio of two whole 100-epoch runs made minutes apart by as much.
 
-===========================  ==========  ==========  ==========  ==========  ==========
-seed                         0           1           2           3           4
-===========================  ==========  ==========  ==========  ==========  ==========
-CPU s/epoch reversal         0.097       0.109       0.107       0.094       0.094
-CPU s/epoch alternating      0.125       0.124       0.117       0.106       0.102
-CPU s/epoch fadvi            0.234       0.208       0.194       --          --
-CPU ratio (reversal)         0.42        0.52        0.55        --          --
-first epoch CPU s (rev.)     0.122       0.110       0.116       0.114       0.108
-kNN z_l rev. / alt. / fadvi  .761/.810/  .824/.817/  .768/.803/  .782/.803   .824/.824
-                             .810        .775        .796
-predict rev. / alt. / fadvi  .754/.768/  .831/.810/  .739/.789/  .768/.803   .789/.817
-                             .775        .754        .754
-scVI kNN                     0.782       0.782       0.761       0.775       0.796
-batch|z_l rev. / alt.        .516/.480   .501/.530   .491/.490   .503/.466   .514/.563
-batch|z_r rev. / alt.        .540/.540   .580/.621   .591/.604   .699/.590   .521/.530
-scib total rev./alt./fadvi   .780/.779/  .806/.797/  .793/.808/  .797/.807   .785/.785
-                             .755        .754        .770
-===========================  ==========  ==========  ==========  ==========  ==========
+Results, session 9 (own AVX-512 matrix product for the C passes, see
+:func:`cellsight.nn.native.native_gemm_wanted`; 100 epochs, ``--adversarial both``; CPU
+seconds per epoch; ratio reversal / alternating):
 
-That table predates ``train(weight_averaging=0.5)`` (the default since session 3). With it, on
-an otherwise idle machine (seeds 0 / 1 / 2, 100 epochs, ``--adversarial both``):
+===============================  =================  =================  =================
+seed                             0                  1                  2
+===============================  =================  =================  =================
+CPU s/epoch rev. / alt. / fadvi  .056/.052/.226     .046/.048/.182     .055/.058/.246
+whole-run ratio                  0.25 / 0.23        0.25 / 0.26        0.22 / 0.24
+adjacent pairs, reversal         .22 .24 .23        .21 .21 .16        .22 .23 .22
+adjacent pairs, alternating      .25 .27 .26        .23 .22 .19        .24 .28 .27
+kNN z_l rev. / alt. / fadvi      .803/.768/.810     .803/.831/.775     .768/.768/.796
+predict rev. / alt. / fadvi      .796/.775/.775     .789/.810/.754     .768/.746/.754
+scVI kNN                         0.782              0.775              0.761
+scib total rev. / alt. / fadvi   .782/.784/.755     .779/.801/.754     .803/.778/.770
+batch|z_l rev. / alt. / fadvi    .499/.483/.524     .453/.447/.497     .460/.439/.483
+===============================  =================  =================  =================
 
-===========================  =================  =================  =================
-seed                         0                  1                  2
-===========================  =================  =================  =================
-CPU s/epoch rev. / alt. / fa  .094/.103/.192     .090/.104/.194     .097/.107/.190
-CPU ratio rev. / alt.        0.49 / 0.53        0.47 / 0.54        0.51 / 0.56
-kNN z_l rev. / alt. / fadvi  .768/.824/.810     .824/.838/.775     .761/.789/.796
-predict rev. / alt. / fadvi  .775/.810/.775     .796/.817/.754     .761/.782/.754
-scVI kNN                     0.782              0.782              0.761
-batch|z_l rev. / alt. / fa   .470/.476/.524     .497/.450/.497     .449/.419/.483
-batch|z_r rev. / alt. / fa   .540/.540/.503     .509/.507/.469     .510/.510/.494
-scib total rev./alt./fadvi   .775/.774/.755     .814/.803/.754     .779/.797/.770
-===========================  =================  =================  =================
+Seeds 3 / 4 / 5, alternating only: whole-run ratios 0.22 / 0.26 / 0.31 (fadvi 0.226 / 0.234
+/ 0.172 s per epoch); kNN from ``z_l`` .817 / .817 / .831 (fadvi .761 / .775 / .782, scVI
+.775 / .796 / .782); ``predict`` .817 / .831 / .852 (fadvi .782 / .775 / .768); scib total
+.804 / .797 / .798 (fadvi .758 / .744 / .759). Means over the six seeds, alternating (the
+default) / fadvi / scVI: kNN 0.805 / 0.783 / 0.779, ``predict`` 0.805 / 0.768, scib total
+0.794 / 0.757. Per seed, alternating is below the peer in kNN on seeds 0 and 2 (and below
+scVI on seed 0) and in ``predict`` on seed 2 (0.746 against 0.754): the accuracy goals hold
+on the means. Batch predictability from ``z_b`` was 1.000 and two ``predict`` calls agreed on
+100% of cells (fadvi 95-98%) throughout.
 
-Means: ``predict`` reversal 0.777, alternating 0.803, fadvi 0.761 (alternating is above the
-peer on every seed, by 0.028-0.063); kNN from ``z_l`` reversal 0.784, alternating 0.817,
-fadvi 0.794, scVI 0.775.
-
-Batch predictability from ``z_b`` was 1.000 throughout; two ``predict`` calls agree on 100% of
-cells for cellsight and 95-98% for fadvi.
-
-After the step-time work of the speed session (ZINB non-zero bookkeeping through numpy and a
-scatter into the dense sum, ``lgamma(x + 1)`` from a table, a cheaper digamma and dropout mask,
-the decoder's one-hot batch built by the module, a leaner correlation penalty; see FADVI's
-notes), 100 epochs, gradient reversal, each seed run as "new" (with the peer) then "old" (the
-code before, ``--skip-peer``), alternately, on 2 cores shared with two other jobs (load 2-8, so
-CPU times are inflated and move by ~15% between runs):
-
-===========================  ==========  ==========  ==========  ==========  ==========
-seed                         0           1           2           3           4
-===========================  ==========  ==========  ==========  ==========  ==========
-CPU s/epoch new / old        .095/.102   .099/.100   .088/.106   .119/.108   .133/.123
-CPU s/epoch fadvi            0.221       0.240       0.208       0.269       0.262
-CPU ratio (new)              0.43        0.41        0.42        0.44        0.51
-kNN z_l new / old / fadvi    .782/.768/  .831/.824/  .761/.761/  .782/.775/  .817/.817/
-                             .810        .775        .796        .761        .775
-predict new / old / fadvi    .775/.775/  .803/.796/  .754/.761/  .775/.796/  .810/.817/
-                             .775        .754        .754        .782        .775
-scib total new / old / fa    .772/.775/  .807/.814/  .788/.779/  .796/.797/  .791/.794/
-                             .755        .754        .770        .758        .744
-batch|z_l new / old          .484/.470   .469/.497   .406/.449   .414/.434   .470/.461
-batch|z_r new / old          .540/.540   .511/.509   .510/.510   .510/.506   .523/.523
-===========================  ==========  ==========  ==========  ==========  ==========
-
-Whole runs on a loaded machine compare old and new poorly; the module's training step (forward,
-backward and fused Adam, batch 128, one thread) interleaved in one process took 19.4 against
-21.0 ms (median of 16 chunks of 25 steps each), and 17.7 against 20.6 ms alternating whole
-processes (median of 8 pairs; new faster in 7). Alternating 30-epoch runs of ours and the peer
-(seed 0, 4 pairs) gave CPU ratios 0.42, 0.42, 0.43 and 0.58 (the last with a burst of load).
-Accuracies moved within seed-to-seed noise (means over the 5 seeds: kNN 0.795 new against
-0.789 old, ``predict`` 0.783 against 0.789; the peer 0.783 and 0.768).
-
-With the written-out training step (session 7: :mod:`cellsight.models.fadvi.fast_step`, the
-encoders, Gaussian heads, decoder with ZINB and classifier heads as C passes; idle machine,
-100 epochs, ``--adversarial both``, reversal / alternating / fadvi; a first series of runs,
-with short edits beside it, gave ratios 0.34 / 0.37, 0.40 / 0.40 and 0.33 / 0.36 and the
-same accuracies):
-
-===========================  =================  =================  =================
-seed                         0                  1                  2
-===========================  =================  =================  =================
-CPU s/epoch rev. / alt. / fa  .088/.086/.247     .084/.083/.205     .071/.073/.193
-CPU ratio rev. / alt.        0.36 / 0.35        0.41 / 0.40        0.37 / 0.38
-kNN z_l rev. / alt. / fadvi  .782/.817/.810     .817/.831/.775     .775/.789/.796
-predict rev. / alt. / fadvi  .761/.789/.775     .803/.845/.754     .768/.796/.754
-scVI kNN                     0.782              0.782              0.768
-scib total rev./alt./fadvi   .778/.779/.755     .811/.787/.754     .772/.799/.770
-batch|z_l rev. / alt. / fa   .480/.487/.524     .457/.469/.497     .430/.416/.483
-batch|z_r rev. / alt. / fa   .540/.540/.503     .511/.506/.469     .510/.510/.494
-===========================  =================  =================  =================
-
-A third series after the last bookkeeping changes (same accuracies, the machine's speed
-drifting by about 15%): ratios 0.33 / 0.41, 0.38 / 0.44 and 0.35 / 0.35.
-
-Means (alternating, the default): ``predict`` 0.810 against fadvi's 0.761, kNN from ``z_l``
-0.812 against 0.794 (scVI 0.777), scib total 0.788 against 0.760. The epoch-time goal (ratio
-<= 0.3) is still missed, now by 15-35%: a step is about 5.5 ms of matrix products near the
-core's peak, 1 ms of ZINB transcendentals, 0.5-0.9 ms Adam and about 3 ms of fixed cost per
-step (Python around the C passes, Lightning's loop, the dropout draws), measured at batch 8
-(4.0 ms a step against 12-14 ms at batch 128).
-
-Session 8 (:class:`~cellsight.train.native_adam.NativeAdam`, the Adam step as one C call;
-idle machine, seeds 0 / 1 / 2, reversal / alternating): CPU ratios 0.35 / 0.36, 0.33 / 0.36,
-0.35 / 0.39 (fadvi 0.232, 0.232, 0.227 s/epoch), against 0.35 / 0.37 for seed 0 just before
-the change: within the machine's drift. Alternating means: ``predict`` 0.801 (fadvi 0.761),
-kNN from ``z_l`` 0.817 (fadvi 0.794, scVI 0.773), scib total 0.794 (fadvi 0.760); batch from
-``z_l`` 0.43-0.47, from ``z_r`` 0.51-0.54, from ``z_b`` 1.000.
-
-Then the dropout words from a counter-based generator in C (:func:`cellsight.nn.dropout.
-dropout_bits`; a new random stream, so each seed's accuracies move by seed noise): CPU ratios
-reversal / alternating 0.34 / 0.36, 0.32 / 0.29, 0.35 / 0.42 (seeds 0-2). Alternating over
-six seeds (0-5), new stream / old stream / fadvi / scVI: kNN from ``z_l`` 0.802 / 0.818 /
-0.783 / 0.779, ``predict`` 0.804 / 0.811 / 0.768. Per seed the new stream is below the peer
-in kNN on seeds 0 and 2 (0.768 against 0.810, 0.775 against 0.796; seed 0 also below scVI's
-0.782) and in ``predict`` on seed 0 (0.768 against 0.775): the goals hold on the means only.
+History of the ratio (reversal / alternating): 0.47-0.51 / 0.53-0.56 with the autograd step
+(sessions 3-4), 0.41-0.51 with reversal (session 6, fused ZINB bookkeeping and cheaper masks),
+0.33-0.41 / 0.35-0.44 (session 7, the training step written out as C passes,
+:mod:`cellsight.models.fadvi.fast_step`), 0.26-0.42 (session 8, Adam as one C call,
+counter-based dropout words), 0.22-0.31 whole runs and 0.16-0.28 single adjacent pairs
+(session 9). The accuracies moved within seed noise at each step; the full tables are in the
+project's issue notes and this file's history.
 
 Usage: ``python benchmarks/fadvi_vs_fadvi.py [--epochs 100] [--seed 0]
 [--adversarial alternating|reversal|both] [--skip-peer] [--timing-pairs 3]
