@@ -78,26 +78,25 @@ def _compiler() -> str | None:
     return None
 
 
-def _cpu_flags() -> str:
-    """This CPU's instruction-set flags (the build is ``-march=native``)."""
+def _cpuinfo(*keys: str) -> str | None:
+    """The first ``/proc/cpuinfo`` field named by one of ``keys`` (``None``: not there)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
+            if line.startswith(keys):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_flags() -> str:
+    """This CPU's instruction-set flags (the build is ``-march=native``)."""
+    return _cpuinfo("flags", "Features") or platform.processor() or platform.machine()
 
 
 def _cpu_vendor() -> str:
     """This CPU's vendor string (``/proc/cpuinfo``'s ``vendor_id``; ``""`` if unknown)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return _cpuinfo("vendor_id") or ""
 
 
 def native_gemm_wanted() -> bool:
