@@ -139,6 +139,10 @@ def test_a_fadvi_query_without_labels_is_told_how_to_fill_them():
     (dict(plan_kwargs={"bogus": 1}), ValueError, r"plan_kwargs \['bogus'\] are not arguments"),
     (dict(plan_kwargs={"weight_decay": -1.0}), ValueError, "weight_decay=-1.0 must be"),
     (dict(batch_size=1), ValueError, "batch_size=1 cannot train a model with BatchNorm"),
+    (dict(early_stopping=True, early_stopping_monitor="val_loss"), ValueError,
+     "early_stopping_monitor='val_loss' is not an epoch metric"),
+    (dict(early_stopping=True, early_stopping_monitor="elbo_validaton"), ValueError,
+     "'<metric>_validation'"),
 ])
 def test_scvi_train_rejects_bad_arguments_before_training(kwargs, error, match):
     adata = count_adata(n_cells=40, n_genes=10)
@@ -147,6 +151,17 @@ def test_scvi_train_rejects_bad_arguments_before_training(kwargs, error, match):
     with pytest.raises(error, match=match):
         m.train(**{**QUICK, **kwargs})
     assert not m.is_trained_ and m.history_ is None
+
+
+@pytest.mark.parametrize("monitor", ["elbo_validation", "reconstruction_loss_train",
+                                     "validation_loss"])
+def test_well_formed_early_stopping_monitors_are_accepted(monitor):
+    adata = count_adata(n_cells=40, n_genes=10)
+    SCVI.setup_anndata(adata)
+    m = SCVI(adata, n_hidden=8)
+    hist = m.train(**{**QUICK, "max_epochs": 2}, early_stopping=True,
+                   early_stopping_monitor=monitor)
+    assert monitor in hist.columns
 
 
 def test_cautrigger_train_rejects_bad_arguments_before_the_prior(cascade, monkeypatch):

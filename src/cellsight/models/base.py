@@ -34,6 +34,23 @@ _MODEL_FILE = "model.pt"
 _ADATA_FILE = "adata.h5ad"
 
 
+
+def check_epoch_metric(name, what: str) -> str:
+    """Reject a metric name that no training plan logs: cellsight's epoch metrics are
+    ``<metric>_train`` and ``<metric>_validation`` (``elbo_validation``,
+    ``reconstruction_loss_train``, a model's extra terms such as
+    ``classification_loss_label_validation``) and ``train_loss``/``validation_loss``. A
+    well-formed name the model does not log is reported by Lightning after the first epoch,
+    with the names it does log."""
+    if not isinstance(name, str) or not (
+            name.endswith(("_train", "_validation")) or name in ("train_loss", "validation_loss")):
+        raise ValueError(
+            f"{what}={name!r} is not an epoch metric: the models log '<metric>_train' and "
+            "'<metric>_validation' (e.g. 'elbo_validation', 'reconstruction_loss_train') and "
+            "'train_loss'/'validation_loss'."
+        )
+    return name
+
 class BaseModel:
     """Base of every cellsight model class.
 
@@ -324,7 +341,9 @@ class BaseModel:
         accelerator, devices, strategy
             Lightning's; ``devices=2`` on CPU trains with 2 DDP processes (``ddp_spawn``, gloo).
         early_stopping, early_stopping_monitor, early_stopping_patience, early_stopping_min_delta
-            Stop when the monitored validation metric stops improving.
+            Stop when the monitored validation metric stops improving. The monitor is an
+            epoch metric (``<metric>_train``, ``<metric>_validation``, ``train_loss`` or
+            ``validation_loss``); other names are rejected before training.
         seed
             Seeds the split, the shuffles and torch (default: the model's ``seed``). With the
             same seed a CPU run is identical.
@@ -350,6 +369,8 @@ class BaseModel:
             max_epochs = self._default_max_epochs()
         check_fit_args(max_epochs, devices)
         check_lr(lr)
+        if early_stopping:
+            check_epoch_metric(early_stopping_monitor, "early_stopping_monitor")
         if datamodule is None and check_int(batch_size, "batch_size") == 1 and any(
                 isinstance(m, (torch.nn.BatchNorm1d, torch.nn.SyncBatchNorm))
                 for m in self.module.modules()):
