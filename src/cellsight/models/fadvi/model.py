@@ -99,17 +99,17 @@ class FADVI(PredictionMixin, ExpressionMixin, InterpretMixin, BaseModel):
       (:class:`~cellsight.train.native_adam.NativeAdam`) and the validation cells are scored
       after the last epoch (see :meth:`train`). A step on the bundled PBMC data (one thread,
       batch 128) fell from 21 ms (autograd, session 6) to 12-14 ms (session 8) and to 7.3-9 ms
-      in session 9, when the C passes' matrix products moved to cellsight's own AVX-512
-      kernel on AMD CPUs (:func:`~cellsight.nn.native.native_gemm_wanted`: torch's MKL runs
-      its AVX2 code there, 88-94 GFLOPS on a Zen 5 core against 143-191 for the kernel on
-      FADVI's shapes; the C time of a step 7.9 -> 4.6 ms). ``benchmarks/fadvi_vs_fadvi.py``
-      then measures 0.21-0.23 of ``fadvi``'s CPU time per epoch with gradient reversal and
-      0.22-0.27 alternating (medians of three adjacent 30-epoch pairs, seeds 0-2; single
-      pairs 0.16-0.28). What remains is about 3 ms of matrix products, 1 ms of ZINB
-      transcendentals, 0.7-1 ms Adam and 2-3 ms of Python and small torch operations around
-      the C passes (with Lightning's loop and the dropout draws, since session 8 from a
-      counter-based generator in C: 11 against 59 µs per 49k units). Measured
-      and not adopted:
+      in session 9, when the C passes' matrix products moved to cellsight's own AVX-512 kernel
+      on AMD CPUs (:func:`~cellsight.nn.native.native_gemm_wanted`: torch's MKL runs its AVX2
+      code there, 88-94 GFLOPS on a Zen 5 core against 143-191 for the kernel on FADVI's
+      shapes; the C time of a step 7.9 -> 4.6 ms). ``benchmarks/fadvi_vs_fadvi.py`` then
+      measures 0.21-0.23 of ``fadvi``'s CPU time per epoch with gradient reversal (seeds 0-2)
+      and 0.22-0.27 alternating (seeds 0-4; medians of three adjacent 30-epoch pairs each,
+      single pairs 0.16-0.28; whole 100-epoch runs 0.22-0.31). What remains is about 3 ms of
+      matrix products, 1 ms of ZINB transcendentals, 0.7-1 ms Adam and 2-3 ms of Python and
+      small torch operations around the C passes (with Lightning's loop and the dropout draws,
+      since session 8 from a counter-based generator in C: 11 against 59 µs per 49k units).
+      Measured and not adopted:
       ``torch.compile`` (95-120 s to compile, then slower: 21.8-22.5 against 17.8 ms a
       step), a sparse first layer (at the data's 23% non-zeros the sparse product and its
       transposes cost as much as the dense product), one six-head pass instead of two groups,
