@@ -143,6 +143,8 @@ def test_a_fadvi_query_without_labels_is_told_how_to_fill_them():
      "early_stopping_monitor='val_loss' is not an epoch metric"),
     (dict(early_stopping=True, early_stopping_monitor="elbo_validaton"), ValueError,
      "'<metric>_validation'"),
+    (dict(plan_kwargs={"reduce_lr_on_plateau": True, "lr_scheduler_metric": "bogus"}),
+     ValueError, "lr_scheduler_metric='bogus' is not an epoch metric"),
 ])
 def test_scvi_train_rejects_bad_arguments_before_training(kwargs, error, match):
     adata = count_adata(n_cells=40, n_genes=10)
