@@ -104,6 +104,24 @@ def test_ig_completeness_within_one_percent_and_delta_is_reported():
     np.testing.assert_allclose(delta, total - diff, atol=1e-9)
 
 
+def test_ig_warns_when_the_path_integral_is_not_resolved():
+    """A step along the path (a saturated sigmoid switching at 1% of the counts) is missed by
+    a few integration points, and the warning says by how much; smooth paths stay quiet."""
+    w = torch.linspace(0.5, 1.5, 12, dtype=torch.float64)
+    x = _data(n=6)
+    s0 = 0.01 * float((x @ w).min())  # every cell switches within its first 1% of the path
+
+    def step(x):
+        return torch.sigmoid(500.0 * (x @ w - s0) / s0)[:, None]
+
+    with pytest.warns(UserWarning, match="did not converge with n_steps=8"):
+        attribute(step, x, method="ig", baselines=0.0, target=0, n_steps=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attribute(_mlp().double(), x, method="ig", baselines=0.0, target=1, n_steps=50)
+        attribute(_linear(), x, method="ig", baselines=0.0, target=1, n_steps=8)
+
+
 def test_deeplift_completeness_holds_for_relu_networks():
     torch.manual_seed(0)
     net = torch.nn.Sequential(

@@ -116,6 +116,32 @@ def test_label_head_attributions_rank_known_markers_near_the_top(trained):
         assert best <= max_rank, (cell_type, sub.head(10).index.tolist())
 
 
+def test_label_head_ig_is_complete_against_the_predicted_probabilities(trained):
+    """Integrated Gradients of the predicted class's probability sum to p(x) - p(0). With the
+    zero-count baseline p(0) is the same for every cell (the label encoder reads no
+    covariates), so p(x) - sum(attributions) is one constant across the cells explaining a
+    class. LayerNorm makes the encoder scale-invariant, so the probability rises within the
+    first percent of the path: 50 steps do not resolve it (and say so), 1,000 do."""
+    model = trained["model"]
+    soft = model.predict(soft=True)
+    code = soft.to_numpy().argmax(1)
+    top = np.bincount(code).argmax()
+    idx = np.flatnonzero(code == top)[:8]
+    with pytest.warns(UserWarning, match="Integrated Gradients did not converge with n_steps=50"):
+        model.predict(indices=idx, interpretability="ig")
+    res = model.predict(indices=idx, interpretability="ig",
+                        interpretability_args={"n_steps": 1000})
+    assert set(res["explained_class"]) == {soft.columns[top]}
+    p_x = soft.to_numpy()[idx, top]
+    implied_p0 = p_x - res["attributions"].sum(1)
+    assert np.ptp(implied_p0) <= 0.03, (implied_p0, p_x)
+    assert np.all(np.abs(p_x - implied_p0) > 0.5)  # the class is far from the baseline's
+    _, delta = model.get_feature_attributions(
+        indices=idx, target="label_probability", target_index=np.full(len(idx), top),
+        method="ig", n_steps=1000, return_numpy=True, return_delta=True, show_progress=False)
+    assert np.abs(np.asarray(delta)).max() <= 0.03
+
+
 def test_ranked_features_per_predicted_class_and_overall(trained):
     model = trained["model"]
     res = model.predict(indices=np.arange(40), interpretability="gs",
