@@ -34,7 +34,6 @@ _MODEL_FILE = "model.pt"
 _ADATA_FILE = "adata.h5ad"
 
 
-
 def check_epoch_metric(name, what: str) -> str:
     """Reject a metric name that no training plan logs: cellsight's epoch metrics are
     ``<metric>_train`` and ``<metric>_validation`` (``elbo_validation``,
@@ -50,6 +49,7 @@ def check_epoch_metric(name, what: str) -> str:
             "'train_loss'/'validation_loss'."
         )
     return name
+
 
 class BaseModel:
     """Base of every cellsight model class.
