@@ -101,7 +101,7 @@ class _FixedArrays:
     """The C step's pointer arrays of a list of parameters and their Adam state."""
 
     def __init__(self, params, states, state_dict):
-        self.params, self.states, self.state_dict = params, states, state_dict
+        self.states, self.state_dict = states, state_dict
         self.tensors = [(p, st["step"], st["exp_avg"], st["exp_avg_sq"])
                         for p, st in zip(params, states)]
         # every storage address the C step writes to, checked before each reuse
@@ -133,15 +133,16 @@ class _FixedArrays:
         return cls(params, states, state_dict)
 
     def matches(self, params, state_dict) -> bool:
-        """Whether these arrays still describe ``params`` and their state."""
-        if state_dict is not self.state_dict or len(params) != len(self.params):
+        """Whether these arrays still describe ``params`` and their state: the same parameter
+        and state tensors, at the same storage addresses."""
+        if state_dict is not self.state_dict or len(params) != len(self.tensors):
             return False
-        for p, q, ptr, st, (_, step, m, v) in zip(params, self.params, self.ptrs,
-                                                  self.states, self.tensors):
-            if p is not q or state_dict.get(p) is not st or st.get("step") is not step:
+        for p, st, kept, ptr in zip(params, self.states, self.tensors, self.ptrs):
+            if state_dict.get(p) is not st:
                 return False
-            if st.get("exp_avg") is not m or st.get("exp_avg_sq") is not v:
+            now = (p, st.get("step"), st.get("exp_avg"), st.get("exp_avg_sq"))
+            if any(a is not b for a, b in zip(now, kept)):
                 return False
-            if ptr != (p.data_ptr(), step.data_ptr(), m.data_ptr(), v.data_ptr()):
+            if ptr != tuple(t.data_ptr() for t in kept):
                 return False
         return True
