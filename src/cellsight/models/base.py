@@ -371,9 +371,9 @@ class BaseModel:
         check_lr(lr)
         if early_stopping:
             check_epoch_metric(early_stopping_monitor, "early_stopping_monitor")
-        planned = {**self._plan_kwargs(), **(plan_kwargs or {})}
-        if planned.get("reduce_lr_on_plateau") and "lr_scheduler_metric" in planned:
-            check_epoch_metric(planned["lr_scheduler_metric"], "lr_scheduler_metric")
+        kwargs = {"lr": lr, **self._plan_kwargs(), **(plan_kwargs or {})}
+        if kwargs.get("reduce_lr_on_plateau") and "lr_scheduler_metric" in kwargs:
+            check_epoch_metric(kwargs["lr_scheduler_metric"], "lr_scheduler_metric")
         if datamodule is None and check_int(batch_size, "batch_size") == 1 and any(
                 isinstance(m, (torch.nn.BatchNorm1d, torch.nn.SyncBatchNorm))
                 for m in self.module.modules()):
@@ -390,7 +390,6 @@ class BaseModel:
                                           shuffle_set_split)
             self.train_indices_ = datamodule.train_indices
             self.validation_indices_ = datamodule.validation_indices
-        kwargs = {"lr": lr, **self._plan_kwargs(), **(plan_kwargs or {})}
         self.module.train()  # inference leaves the module in eval mode; Lightning keeps modes
         plan = self._plan_cls(self.module, **kwargs)
         if hasattr(datamodule, "n_train"):
