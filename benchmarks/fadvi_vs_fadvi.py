@@ -214,28 +214,25 @@ def scores(res: dict, adata, hidden) -> dict:
     return out
 
 
-def timing_pairs(adata, args, modes: list[str], python: str, label: str) -> None:
+def timing_pairs(adata, args, modes: list[str], python: str, path: str, label: str) -> None:
     """CPU seconds per epoch of ours and the peer in adjacent runs (``--timing-pairs`` pairs
     of ``--pair-epochs`` epochs, the order swapped from pair to pair), so that the machine's
     drift, which moves both by 10-40% over minutes on a shared host, cancels in each ratio."""
     ratios: dict[str, list[float]] = {mode: [] for mode in modes}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "data.h5ad")
-        adata.write_h5ad(path)
-        for i in range(args.timing_pairs):
-            runs = {}
-            for who in (["ours", "peer"] if i % 2 == 0 else ["peer", "ours"]):
-                if who == "peer":
-                    res = run_peer(python, path, args.pair_epochs, args.seed)
-                    if res is None:
-                        return
-                    runs["peer"] = statistics.median(list(res["cpu"])[1:])
-                else:
-                    for mode in modes:
-                        res = train_ours(adata, args.pair_epochs, args.seed, mode, score=False)
-                        runs[mode] = statistics.median(res["cpu"][1:-1])
-            for mode in modes:
-                ratios[mode].append(runs[mode] / runs["peer"])
+    for i in range(args.timing_pairs):
+        runs = {}
+        for who in (["ours", "peer"] if i % 2 == 0 else ["peer", "ours"]):
+            if who == "peer":
+                res = run_peer(python, path, args.pair_epochs, args.seed)
+                if res is None:
+                    return
+                runs["peer"] = statistics.median(list(res["cpu"])[1:])
+            else:
+                for mode in modes:
+                    res = train_ours(adata, args.pair_epochs, args.seed, mode, score=False)
+                    runs[mode] = statistics.median(res["cpu"][1:-1])
+        for mode in modes:
+            ratios[mode].append(runs[mode] / runs["peer"])
     for mode, r in ratios.items():
         name = "cellsight" if mode == "reversal" else f"cellsight[{mode}]"
         listed = ", ".join(f"{v:.2f}" for v in r)
@@ -270,11 +267,11 @@ def main() -> None:
     s_scvi = scvi_knn(adata, hidden, args.epochs, args.seed)
     python = None if args.skip_peer else peer_python()
     peer = None
+    data_dir = tempfile.TemporaryDirectory()  # the peer's copy of the data, written once
+    path = os.path.join(data_dir.name, "data.h5ad")
     if python is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "data.h5ad")
-            adata.write_h5ad(path)
-            peer = run_peer(python, path, args.epochs, args.seed)
+        adata.write_h5ad(path)
+        peer = run_peer(python, path, args.epochs, args.seed)
     s_peer = None if peer is None else scores(peer, adata, hidden)
     n_hidden = int(hidden.sum())
     for mode, res in ours.items():
@@ -314,7 +311,8 @@ def main() -> None:
         line("agreement of two predict calls (all cells)", s_m["agreement"],
              s_peer and s_peer["agreement"], "goal: 1", who)
     if peer is not None and args.timing_pairs > 0:
-        timing_pairs(adata, args, modes, python, label)
+        timing_pairs(adata, args, modes, python, path, label)
+    data_dir.cleanup()
     print("fadvi scib details: " + json.dumps({
         **{("cellsight" if mode == "reversal" else f"cellsight[{mode}]"): {
             k: round(float(v), 3) for k, v in s_m["scib"].items()} for mode, s_m in s_ours.items()},
