@@ -10,8 +10,7 @@ their Gaussian heads with the posterior sample and KL, the decoder with the ZINB
 and each group of classifier heads with its masked cross-entropy are one C pass forward and
 one backward each (their matrix products by the BLAS sgemm torch uses, or by
 ``csrc/gemm.c`` where that is faster, :func:`cellsight.nn.native.native_gemm_wanted`); the
-correlation
-penalty's gradient is written out in torch
+correlation penalty's gradient is written out in torch
 (:func:`~cellsight.models.fadvi.correlation.correlation_penalty_and_grad`).
 
 It draws its random numbers in the order of the autograd path (the encoders' dropout, the
@@ -195,8 +194,7 @@ class FastTrainingStep:
 
     def _site(self, key: str) -> Site:
         """The cached :class:`Site` of ``"encoders"``, ``"decoder"``, ``"heads"`` or
-        ``"adversaries"``,
-        rebuilt when a parameter's storage changed (checked once a step by
+        ``"adversaries"``, rebuilt when a parameter's storage changed (checked once a step by
         :meth:`_check_storage`)."""
         site = self._sites.get(key)
         if site is None:
